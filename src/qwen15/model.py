@@ -1,0 +1,227 @@
+"""The Qwen1.5 / Qwen2 decoder in plain PyTorch: RMSNorm, RoPE, grouped-query attention, MLP, MoE.
+
+Module and parameter names follow transformers' Qwen2ForCausalLM so that a checkpoint's state dict maps
+onto this model one to one (MoE experts are stacked into [experts, out, in] tensors). The model is
+stateless between calls: a KV cache object is passed in, which keeps the engine free to choose its
+own cache layout. The cache only needs `update(layer, k, v, start_pos) -> (keys, values)`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class LayerCache(Protocol):
+    def update(self, layer: int, k: Tensor, v: Tensor, start_pos: int) -> tuple[Tensor, Tensor]:
+        """Store k, v ([B, kv_heads, T, head_dim]) at start_pos; return all keys/values so far."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Computed in float32 whatever the activation dtype, as the reference does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [T, head_dim] for the given absolute positions (NeoX rotate-half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, heads, T, D]: the first half of each head is paired with the second half."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_len: int, k_len: int, start_pos: int, window: int | None, device) -> Tensor | None:
+    """Boolean mask [q_len, k_len] (True = may attend) for queries at start_pos.., or None if causal-free."""
+    if q_len == 1 and (window is None or k_len <= window):
+        return None  # one new token sees the whole cache
+    q_pos = torch.arange(start_pos, start_pos + q_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped kv heads: query head i reads kv head i // (heads / kv_heads)."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = config.sliding_window if config.uses_sliding_window(layer) else None
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None, start_pos: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, start_pos)  # all positions so far: [B, KV, S, D]
+        mask = attention_mask(T, k.shape[2], start_pos, self.window, x.device)
+        # SDPA applies the scale 1/sqrt(head_dim) and runs the softmax in float32 for half inputs.
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            enable_gqa=self.kv_heads != self.heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked: gate/up [E, I, H], down [E, H, I]."""
+
+    def __init__(self, experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(experts, intermediate, hidden))
+        self.up_proj = nn.Parameter(torch.empty(experts, intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(experts, hidden, intermediate))
+
+    def forward(self, x: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
+        """x [N, H]; expert_ids, weights [N, top_k]. Each expert runs once on the tokens routed to it."""
+        out = torch.zeros_like(x)
+        flat_ids = expert_ids.flatten()
+        for e in flat_ids.unique().tolist():
+            token, slot = torch.where(expert_ids == e)
+            h = x[token]
+            h = F.linear(F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e]), self.down_proj[e])
+            out.index_add_(0, token, h * weights[token, slot, None])
+        return out
+
+
+class MoE(nn.Module):
+    """Softmax router over routed experts (top-k), plus one always-on shared expert behind a sigmoid gate."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        probs = F.softmax(self.gate(flat), dim=-1, dtype=torch.float32)
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        routed = self.experts(flat, expert_ids, weights.to(x.dtype))
+        shared = torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return (routed + shared).view(B, T, H)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer)
+        self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None, start_pos: int) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderStack(nn.Module):
+    """`model.*` in checkpoints: embeddings, the layers and the final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Qwen2ForCausalLM: token ids [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        # A tied head reads the embedding table; only an untied one has weights of its own.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def output_weight(self) -> Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, input_ids: Tensor, cache: LayerCache | None = None, start_pos: int = 0) -> Tensor:
+        """Final-normed hidden states [B, T, H] for tokens at positions start_pos .. start_pos+T-1."""
+        x = self.model.embed_tokens(input_ids)
+        positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, start_pos)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: Tensor, cache: LayerCache | None = None, start_pos: int = 0,
+                last_only: bool = False) -> Tensor:
+        h = self.hidden_states(input_ids, cache, start_pos)
+        if last_only:
+            h = h[:, -1:]  # generation needs only the next-token logits: skip the rest of the vocab matmul
+        return F.linear(h, self.output_weight)
+
+
+def build_model(config: ModelConfig, state_dict: dict[str, Tensor] | None = None,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """A model holding state_dict's tensors (no copy when dtype/device already match), or random init."""
+    if state_dict is None:
+        with torch.device(device):
+            model = Transformer(config).to(dtype)
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                nn.init.normal_(p, std=0.02)
+        return model.eval()
+    with torch.device("meta"):
+        model = Transformer(config)
+    tensors = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if missing or unexpected:
+        from .errors import WeightsError
+
+        raise WeightsError(f"state dict does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
