@@ -37,6 +37,7 @@ class ModelConfig:
     use_sliding_window: bool = False
     sliding_window: int | None = 32768
     max_window_layers: int = 28
+    layer_types: list[str] | None = None  # transformers>=5 spells the sliding-window layers out
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151643
     torch_dtype: str = "bfloat16"
@@ -94,7 +95,11 @@ class ModelConfig:
         )
 
     def uses_sliding_window(self, layer: int) -> bool:
-        return bool(self.use_sliding_window and self.sliding_window and layer >= self.max_window_layers)
+        if not (self.use_sliding_window and self.sliding_window):
+            return False
+        if self.layer_types is not None:
+            return self.layer_types[layer] == "sliding_attention"
+        return layer >= self.max_window_layers
 
     # ---- parameter counts -----------------------------------------------------------------------
     def _attention_params(self) -> int:
@@ -132,6 +137,15 @@ class ModelConfig:
             raise ConfigError("config has no 'model_type': expected 'qwen2' or 'qwen2_moe'")
         if data.get("dtype") and "torch_dtype" not in data:  # transformers>=5 writes "dtype"
             kwargs["torch_dtype"] = data["dtype"]
+        # transformers>=5 nests rope_theta in rope_parameters; older files may carry rope_scaling.
+        rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"bad rope_parameters {rope!r}: expected an object")
+        if "rope_theta" in rope:
+            kwargs["rope_theta"] = rope["rope_theta"]
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"unsupported rope_type {rope_type!r}: expected 'default' (no RoPE scaling)")
         try:
             return cls(**kwargs)
         except TypeError as e:
