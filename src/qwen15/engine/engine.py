@@ -1,0 +1,215 @@
+"""The LLM object: load a checkpoint, then generate or stream text from it.
+
+    llm = LLM.load("qwen2.5-coder-0.5b-instruct")
+    print(llm.generate("def fibonacci(n):", max_tokens=32).text)
+    for piece in llm.stream([{"role": "user", "content": "Hi"}]): print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import GenerationError
+from ..model import Transformer, build_model
+from ..tokenizer import Tokenizer
+from .kv_cache import KVCache
+from .sampling import Sampler, SamplingParams
+
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (eos or stop string) or "length"
+    load_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first new token comes from the prefill; the rest are decode steps.
+        steps = max(len(self.token_ids) - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class _Run:
+    """Book-keeping of one generation, filled in as tokens stream out."""
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype, device: str) -> tuple[ModelConfig, Transformer, Tokenizer]:
+    """A resolved local path (a .gguf file or an HF directory) to config, model and tokenizer."""
+    if path.is_file():
+        from ..weights.gguf import load_gguf
+
+        config, state_dict, metadata = load_gguf(path, dtype=dtype)
+        tokenizer = Tokenizer.from_gguf_metadata(metadata)
+    else:
+        from ..weights.safetensors import load_safetensors
+
+        config = ModelConfig.from_hf_config(path)
+        state_dict = load_safetensors(path, config, dtype=dtype)
+        tokenizer = Tokenizer.from_file(path)
+    model = build_model(config, state_dict, device=device, dtype=dtype)
+    return config, model, tokenizer
+
+
+class LLM:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, context_length: int | None = None,
+                 name: str = "", load_s: float = 0.0):
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.name = name
+        self.load_s = load_s
+        self.device = model.output_weight.device
+        self.dtype = model.output_weight.dtype
+        self.context_length = min(context_length or self.config.max_position_embeddings,
+                                  self.config.max_position_embeddings)
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | str | None = None,
+             threads: int | None = None, context_length: int | None = None) -> "LLM":
+        """Load a packaged name, hub name, local directory or .gguf file (None: the default model)."""
+        from ..weights.resolve import resolve_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        if isinstance(dtype, str):
+            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
+        start = time.perf_counter()
+        path = resolve_model(None if model is None else str(model))
+        _, net, tokenizer = load_checkpoint(path, dtype, device)
+        return cls(net, tokenizer, context_length=context_length, name=str(model or path.name),
+                   load_s=time.perf_counter() - start)
+
+    # ---- prompts --------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[dict] | list[int], chat: bool = False) -> list[int]:
+        """Token ids for a raw string, a chat (list of messages, or a string sent as one user turn), or ids."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
+            return list(prompt)
+        if isinstance(prompt, list):
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+        if not isinstance(prompt, str):
+            raise GenerationError(f"prompt must be a string, a list of messages or a list of token ids, "
+                                  f"got {type(prompt).__name__}")
+        if chat:
+            return self.encode_prompt([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _tokens(self, run: _Run, params: SamplingParams) -> Iterator[int]:
+        """Prefill the prompt, then decode one token per step until eos, max_tokens or the context is full."""
+        prompt = run.prompt_ids
+        if not prompt:
+            raise GenerationError("prompt is empty: expected at least one token")
+        if len(prompt) >= self.context_length:
+            raise GenerationError(
+                f"prompt is {len(prompt)} tokens but the context window is {self.context_length}: "
+                f"expected at most {self.context_length - 1} prompt tokens")
+        max_new = min(params.max_tokens, self.context_length - len(prompt))
+        if max_new <= 0:
+            run.finish_reason = "length"
+            return
+        stop_ids = set() if params.ignore_eos else set(
+            params.stop_token_ids if params.stop_token_ids is not None else self.tokenizer.eos_token_ids)
+        cache = KVCache(self.config, len(prompt) + max_new, dtype=self.dtype, device=self.device)
+        sampler = Sampler(params)
+
+        t0 = time.perf_counter()
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            logits = self.model(ids[:, start:start + PREFILL_CHUNK], cache=cache, start_pos=start, last_only=True)
+        pos = len(prompt)
+        run.prefill_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        while True:
+            token = int(sampler.sample(logits[:, -1], prompt, run.token_ids)[0])
+            if token in stop_ids:
+                run.finish_reason = "stop"
+                break
+            run.token_ids.append(token)
+            yield token
+            if len(run.token_ids) >= max_new:
+                run.finish_reason = "length"
+                break
+            logits = self.model(torch.tensor([[token]], device=self.device), cache=cache, start_pos=pos,
+                                last_only=True)
+            pos += 1
+            run.decode_s = time.perf_counter() - t0
+        run.decode_s = time.perf_counter() - t0
+
+    def _stream(self, run: _Run, params: SamplingParams) -> Iterator[str]:
+        """Text pieces, never a partial character, and cut at the first stop string."""
+        decoder = self.tokenizer.stream_decoder()
+        pending = ""  # text held back while it could still be the start of a stop string
+        hold = max((len(s) for s in params.stop), default=0) - 1
+        for token in self._tokens(run, params):
+            pending += decoder.add(token)
+            hit = _first_stop(pending, params.stop)
+            if hit is not None:
+                piece = pending[:hit]
+                run.text += piece
+                run.finish_reason = "stop"
+                if piece:
+                    yield piece
+                return
+            emit = pending[: len(pending) - hold] if hold > 0 else pending
+            pending = pending[len(emit):]
+            if emit:
+                run.text += emit
+                yield emit
+        tail = pending + decoder.flush()
+        hit = _first_stop(tail, params.stop)
+        if hit is not None:
+            tail, run.finish_reason = tail[:hit], "stop"
+        if tail:
+            run.text += tail
+            yield tail
+
+    # ---- public API -----------------------------------------------------------------------------
+    def stream(self, prompt: str | list[dict] | list[int], *, chat: bool = False,
+               params: SamplingParams | None = None, **sampling) -> Iterator[str]:
+        """Yield the new text piece by piece."""
+        params = params or SamplingParams(**sampling)
+        yield from self._stream(_Run(self.encode_prompt(prompt, chat)), params)
+
+    def generate(self, prompt: str | list[dict] | list[int], *, chat: bool = False,
+                 params: SamplingParams | None = None, on_text=None, **sampling) -> GenerationResult:
+        """Generate to the end and return text, new token ids, finish reason and timings.
+
+        on_text, if given, is called with each text piece as it is produced (for streaming callers).
+        """
+        params = params or SamplingParams(**sampling)
+        run = _Run(self.encode_prompt(prompt, chat))
+        for piece in self._stream(run, params):
+            if on_text is not None:
+                on_text(piece)
+        return GenerationResult(text=run.text, token_ids=run.token_ids, prompt_tokens=len(run.prompt_ids),
+                                finish_reason=run.finish_reason, load_s=self.load_s,
+                                prefill_s=run.prefill_s, decode_s=run.decode_s)
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
