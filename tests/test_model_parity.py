@@ -56,17 +56,21 @@ def to_ours(hf_state: dict, config: ModelConfig) -> dict:
     return out
 
 
-@pytest.fixture(params=list(CASES))
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=[(case, device) for device in DEVICES for case in CASES], ids=lambda p: "-".join(p))
 def pair(request):
+    case, device = request.param
     torch.manual_seed(0)
-    hf, config = hf_model(request.param)
-    ours = build_model(config, to_ours(hf.state_dict(), config))
-    return hf, ours, config
+    hf, config = hf_model(case)
+    ours = build_model(config, to_ours(hf.state_dict(), config), device=device)
+    return hf.to(device), ours, config
 
 
 def test_full_forward_matches_transformers(pair):
     hf, ours, config = pair
-    ids = torch.randint(0, config.vocab_size, (2, 19))
+    ids = torch.randint(0, config.vocab_size, (2, 19), device=ours.output_weight.device)
     with torch.no_grad():
         expected = hf(ids).logits
         got = ours(ids)
@@ -77,11 +81,12 @@ def test_full_forward_matches_transformers(pair):
 @pytest.mark.parametrize("prefill_chunk", [11, 4])
 def test_prefill_then_decode_with_cache_matches_full_forward(pair, prefill_chunk):
     hf, ours, config = pair
-    ids = torch.randint(0, config.vocab_size, (1, 23))
+    device = ours.output_weight.device
+    ids = torch.randint(0, config.vocab_size, (1, 23), device=device)
     prompt_len = 11
     with torch.no_grad():
         expected = hf(ids).logits
-        cache = KVCache(config, max_len=32)
+        cache = KVCache(config, max_len=32, device=device)
         got = []
         for start in range(0, prompt_len, prefill_chunk):  # chunked prefill
             end = min(start + prefill_chunk, prompt_len)
@@ -93,7 +98,7 @@ def test_prefill_then_decode_with_cache_matches_full_forward(pair, prefill_chunk
 
 def test_last_only_returns_next_token_logits(pair):
     hf, ours, config = pair
-    ids = torch.randint(0, config.vocab_size, (1, 9))
+    ids = torch.randint(0, config.vocab_size, (1, 9), device=ours.output_weight.device)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, last_only=True), hf(ids).logits[:, -1:], atol=1e-4, rtol=1e-4)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .errors import Qwen15Error
+from .errors import GenerationError, Qwen15Error
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 
@@ -133,6 +133,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": result.text})
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .engine.bench import as_dict, run_bench
+
+    for name in ("prompt_tokens", "gen_tokens"):
+        if getattr(args, name) < 1:
+            raise GenerationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    result = run_bench(args.model, args.prompt_tokens, args.gen_tokens, args.threads, args.device)
+    row = as_dict(result)
+    if args.json:
+        print(json.dumps(row))
+    else:
+        for key, value in row.items():
+            print(f"{key:>14}  {value}")
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help=f"packaged name, hub name (Qwen/Qwen1.5-0.5B-Chat), local directory or .gguf file "
@@ -169,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="last line: one JSON object with text and token_ids")
     p.add_argument("--no-stream", action="store_true", help="print the text only when done")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="measure load time, prefill and decode tok/s, and peak RSS")
+    p.add_argument("--model", default=None, help=f"model to measure (default: {DEFAULT_MODEL})")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (streaming; /reset, Ctrl-D quits)")
     _add_model_args(p)
