@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import ModelConfig
+from ..errors import WeightsError
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -75,3 +78,26 @@ def gguf_name_map(num_layers: int) -> dict[str, str]:
         else:
             out[g] = o
     return out
+
+
+def gguf_names(config: ModelConfig) -> dict[str, str]:
+    """Every tensor the config implies (our name) to its GGUF name, in expected_shapes order."""
+    to_gguf = {ours: g for g, ours in gguf_name_map(config.num_hidden_layers).items()}
+    return {ours: to_gguf[ours] for ours in expected_shapes(config)}
+
+
+def check_state_dict(state: dict, config: ModelConfig, source: str | Path = "checkpoint") -> None:
+    """Raise WeightsError (one line, naming `source`) unless `state` holds exactly the tensors the
+    config implies, each with the implied shape."""
+    shapes = expected_shapes(config)
+    missing = [n for n in shapes if n not in state]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"{source}: missing tensor '{missing[0]}'{more}")
+    extra = [n for n in state if n not in shapes]
+    if extra:
+        raise WeightsError(f"{source}: unexpected tensor '{extra[0]}': the config implies no such tensor")
+    for name, want in shapes.items():
+        got = tuple(state[name].shape)
+        if got != want:
+            raise WeightsError(f"{source}: tensor '{name}' has shape {got} but the config implies {want}")
