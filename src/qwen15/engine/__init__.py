@@ -1,0 +1,1 @@
+"""Generation: the decode loop (engine), the KV cache and token sampling."""
