@@ -66,7 +66,11 @@ def _sampling(args: argparse.Namespace, chat: bool):
 def _load(args: argparse.Namespace):
     from .engine.engine import LLM
 
-    return LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context)
+    llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context)
+    if getattr(args, "draft", None):
+        llm.attach_draft(LLM.load(args.draft, device=args.device, context_length=args.context),
+                         tokens=args.draft_tokens)
+    return llm
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -89,11 +93,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "load_s": round(result.load_s, 3), "prefill_s": round(result.prefill_s, 3),
         "decode_tok_s": round(result.decode_tok_s, 2),
     }
+    if result.drafted:
+        summary["acceptance_rate"] = round(result.acceptance_rate, 4)
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))
     else:
+        accept = f", draft acceptance {result.acceptance_rate:.0%}" if result.drafted else ""
         print(f"[{len(result.token_ids)} tokens, {result.finish_reason}; load {result.load_s:.1f}s, "
-              f"decode {result.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+              f"decode {result.decode_tok_s:.1f} tok/s{accept}]", file=sys.stderr)
     return 0
 
 
@@ -139,7 +146,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in ("prompt_tokens", "gen_tokens"):
         if getattr(args, name) < 1:
             raise GenerationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    result = run_bench(args.model, args.prompt_tokens, args.gen_tokens, args.threads, args.device)
+    result = run_bench(args.model, args.prompt_tokens, args.gen_tokens, args.threads, args.device,
+                       draft=args.draft, draft_tokens=args.draft_tokens)
     row = as_dict(result)
     if args.json:
         print(json.dumps(row))
@@ -164,6 +172,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--draft", default=None, help="draft model for speculative decoding of greedy requests "
+                                                 "(same tokenizer, e.g. the 0.5B for the 1.5B)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--draft", default=None, help="draft model: measure speculative decoding")
+    p.add_argument("--draft-tokens", type=int, default=4)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=cmd_bench)
 

@@ -30,6 +30,8 @@ class BenchResult:
     prefill_tok_s: float
     decode_tok_s: float
     peak_rss_mb: float
+    draft: str | None = None
+    acceptance_rate: float | None = None
 
 
 def peak_rss_mb() -> float:
@@ -45,7 +47,7 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 
 def run_bench(model: str | None, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int | None = None,
-              device: str = "cpu") -> BenchResult:
+              device: str = "cpu", draft: str | None = None, draft_tokens: int = 4) -> BenchResult:
     import torch
 
     from .engine import LLM
@@ -53,6 +55,9 @@ def run_bench(model: str | None, prompt_tokens: int = 512, gen_tokens: int = 128
 
     start = time.perf_counter()
     llm = LLM.load(model, device=device, threads=threads, context_length=prompt_tokens + gen_tokens + 1)
+    if draft:
+        llm.attach_draft(LLM.load(draft, device=device, context_length=prompt_tokens + gen_tokens + 1),
+                         tokens=draft_tokens)
     load_s = time.perf_counter() - start
     ids = prompt_ids(llm.tokenizer, prompt_tokens)
     params = SamplingParams(temperature=0.0, max_tokens=gen_tokens, ignore_eos=True)
@@ -62,7 +67,8 @@ def run_bench(model: str | None, prompt_tokens: int = 512, gen_tokens: int = 128
         model=llm.name, threads=torch.get_num_threads(), prompt_tokens=len(ids), gen_tokens=len(result.token_ids),
         load_s=round(load_s, 3),
         prefill_tok_s=round(len(ids) / result.prefill_s, 2) if result.prefill_s else 0.0,
-        decode_tok_s=round(result.decode_tok_s, 2), peak_rss_mb=round(peak_rss_mb(), 1))
+        decode_tok_s=round(result.decode_tok_s, 2), peak_rss_mb=round(peak_rss_mb(), 1),
+        draft=draft, acceptance_rate=round(result.acceptance_rate, 4) if result.drafted else None)
 
 
 def as_dict(result: BenchResult) -> dict:

@@ -33,6 +33,12 @@ class GenerationResult:
     load_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -51,6 +57,8 @@ class _Run:
     finish_reason: str = "length"
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    drafted: int = 0  # speculative decoding: tokens the draft proposed, and how many the target kept
+    accepted: int = 0
 
 
 def load_checkpoint(path: Path, dtype: torch.dtype, device: str) -> tuple[ModelConfig, Transformer, Tokenizer]:
@@ -82,6 +90,19 @@ class LLM:
         self.dtype = model.output_weight.dtype
         self.context_length = min(context_length or self.config.max_position_embeddings,
                                   self.config.max_position_embeddings)
+        self.draft: LLM | None = None
+        self.draft_tokens = 4
+
+    def attach_draft(self, draft: "LLM", tokens: int = 4) -> None:
+        """Use draft for speculative decoding of greedy requests (the output stays the target's own)."""
+        from .speculative import check_compatible
+
+        why = check_compatible(self, draft)
+        if why:
+            raise GenerationError(f"draft model {draft.name!r} cannot draft for {self.name!r}: {why}")
+        if tokens < 1:
+            raise GenerationError(f"draft tokens must be >= 1, got {tokens}")
+        self.draft, self.draft_tokens = draft, tokens
 
     @classmethod
     def load(cls, model: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | str | None = None,
@@ -132,6 +153,13 @@ class LLM:
             return
         stop_ids = set() if params.ignore_eos else set(
             params.stop_token_ids if params.stop_token_ids is not None else self.tokenizer.eos_token_ids)
+        plain_greedy = params.greedy and params.repetition_penalty == 1.0 and not (
+            params.presence_penalty or params.frequency_penalty)
+        if self.draft is not None and plain_greedy:  # sampled or penalised requests decode without the draft
+            from .speculative import speculative_tokens
+
+            yield from speculative_tokens(self, self.draft, run, max_new, stop_ids, self.draft_tokens)
+            return
         cache = KVCache(self.config, len(prompt) + max_new, dtype=self.dtype, device=self.device)
         sampler = Sampler(params)
 
@@ -207,7 +235,8 @@ class LLM:
                 on_text(piece)
         return GenerationResult(text=run.text, token_ids=run.token_ids, prompt_tokens=len(run.prompt_ids),
                                 finish_reason=run.finish_reason, load_s=self.load_s,
-                                prefill_s=run.prefill_s, decode_s=run.decode_s)
+                                prefill_s=run.prefill_s, decode_s=run.decode_s,
+                                drafted=run.drafted, accepted=run.accepted)
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
