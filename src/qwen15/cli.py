@@ -157,6 +157,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import format_plan, make_plan
+
+    plan = make_plan(args.model, quant=args.quant, context=args.context, batch=args.batch,
+                     gpu_mem_gb=args.gpu_mem, device=args.device)
+    print(json.dumps(plan.as_dict()) if args.json else format_plan(plan))
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help=f"packaged name, hub name (Qwen/Qwen1.5-0.5B-Chat), local directory or .gguf file "
@@ -207,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-tokens", type=int, default=4)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="memory of weights, KV cache and activations; devices needed")
+    p.add_argument("--model", required=True, help="preset name (qwen1.5-32b), model directory or .gguf file")
+    p.add_argument("--quant", default=None, help="fp32, bf16, int8, int4, q4_k_m (or gguf for a .gguf file)")
+    p.add_argument("--context", type=int, default=None, help="tokens of context (default: the model's)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--gpu-mem", type=float, default=None, help="GB per device: also say how many are needed")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when --gpu-mem is given)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (streaming; /reset, Ctrl-D quits)")
     _add_model_args(p)

@@ -1,0 +1,142 @@
+"""`qwen15 plan`: how much memory a model needs, and how many devices of a given size.
+
+Weights in the chosen storage format, the KV cache (2 x layers x kv_heads x head_dim x bytes per token of
+context: grouped-query attention divides it by heads / kv_heads), the transient activations of a prefill
+chunk, and the runtime's own footprint. The seeds' case for 32B and 110B is exactly this arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import ModelConfig, get_preset
+from .errors import ConfigError
+
+GiB = 1024 ** 3
+
+# Bytes per weight at run time. int8/int4 are weight-only, group-wise (group 32, one bf16 scale and for
+# int4 one bf16 zero per group); q4_k_m is llama.cpp's mix (~4.85 bits per weight on large models).
+BYTES_PER_WEIGHT = {
+    "fp32": 4.0, "bf16": 2.0, "fp16": 2.0,
+    "int8": 1.0 + 2 / 32, "int4": 0.5 + 4 / 32,
+    "q4_k_m": 4.85 / 8,
+}
+# Our compact layout for GGUF tensors (qwen15.quant): int8 values + a float32 scale per block
+# (+ a float32 offset for types with mins); block 16 for Q6_K, 32 otherwise.
+GGUF_RUNTIME_BYTES = {
+    "Q8_0": 1 + 4 / 32, "Q5_0": 1 + 4 / 32, "Q4_0": 1 + 4 / 32,
+    "Q5_1": 1 + 8 / 32, "Q4_1": 1 + 8 / 32, "Q4_K": 1 + 8 / 32, "Q5_K": 1 + 8 / 32,
+    "Q6_K": 1 + 4 / 16, "F32": 4.0, "F16": 4.0, "BF16": 4.0,
+}
+RUNTIME_OVERHEAD = {"cpu": 0.30 * GiB, "cuda": 0.60 * GiB}  # interpreter + torch (+ CUDA context)
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class Plan:
+    model: str
+    quant: str
+    device: str
+    params: int
+    context: int
+    batch: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    kv_bytes_per_token: int
+    activation_bytes: int
+    overhead_bytes: int
+    total_bytes: int
+    gpu_mem_gb: float | None
+    devices_needed: int | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _activation_bytes(config: ModelConfig, context: int, batch: int, act_bytes: int) -> int:
+    """The largest transient of one prefill chunk: MLP intermediates, attention scores, hidden states."""
+    chunk = min(PREFILL_CHUNK, context)
+    tokens = batch * chunk
+    mlp_width = max(config.intermediate_size,
+                    config.num_experts_per_tok * config.moe_intermediate_size + config.shared_expert_intermediate_size)
+    mlp = 3 * tokens * mlp_width
+    scores = batch * config.num_attention_heads * chunk * context
+    hidden = 6 * tokens * config.hidden_size
+    logits = batch * config.vocab_size  # only the last position's logits are computed
+    return (max(mlp, scores) + hidden + logits) * act_bytes
+
+
+def _gguf_weights(path: Path) -> tuple[ModelConfig, int]:
+    from .weights.gguf import config_from_gguf, open_gguf
+
+    f = open_gguf(path)
+    shapes = {t.name: t.torch_shape for t in f.tensors}
+    config = config_from_gguf(f.metadata, shapes, path)
+    total = sum(t.n_elements * GGUF_RUNTIME_BYTES.get(t.tensor_type.name, 4.0) for t in f.tensors)
+    return config, int(total)
+
+
+def make_plan(model: str, quant: str | None = None, context: int | None = None, batch: int = 1,
+              gpu_mem_gb: float | None = None, device: str | None = None) -> Plan:
+    if batch < 1:
+        raise ConfigError(f"batch must be >= 1, got {batch}")
+    if gpu_mem_gb is not None and gpu_mem_gb <= 0:
+        raise ConfigError(f"gpu-mem must be > 0 GB, got {gpu_mem_gb}")
+    device = device or ("cuda" if gpu_mem_gb else "cpu")
+    path = Path(model).expanduser()
+    weights_bytes = None
+    if path.suffix == ".gguf" or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"{path}: file not found")
+        config, gguf_bytes = _gguf_weights(path)
+        quant = quant or "gguf"
+        if quant == "gguf":
+            weights_bytes = gguf_bytes
+    elif path.is_dir():
+        config = ModelConfig.from_hf_config(path)
+    else:
+        config = get_preset(model)
+    quant = quant or ("bf16" if device == "cuda" else "fp32")
+    if weights_bytes is None:
+        if quant not in BYTES_PER_WEIGHT:
+            raise ConfigError(f"unknown quant {quant!r}: expected one of {', '.join(BYTES_PER_WEIGHT)}"
+                              + (", gguf" if path.suffix == ".gguf" else ""))
+        # Norms and biases stay in full precision; they are a rounding error next to the matrices.
+        weights_bytes = int(config.num_parameters() * BYTES_PER_WEIGHT[quant])
+    context = context or config.max_position_embeddings
+    if context < 1:
+        raise ConfigError(f"context must be >= 1, got {context}")
+    act_bytes = 2 if device == "cuda" else 4
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * act_bytes
+    kv = kv_per_token * context * batch
+    activations = _activation_bytes(config, context, batch, act_bytes)
+    overhead = int(RUNTIME_OVERHEAD["cuda" if device == "cuda" else "cpu"])
+    total = weights_bytes + kv + activations + overhead
+    devices = None
+    if gpu_mem_gb:
+        usable = gpu_mem_gb * GiB * 0.92  # the allocator's fragmentation and the driver keep some back
+        devices = max(1, math.ceil(total / usable))
+    return Plan(model=model, quant=quant, device=device, params=config.num_parameters(), context=context,
+                batch=batch, weights_bytes=int(weights_bytes), kv_cache_bytes=int(kv),
+                kv_bytes_per_token=int(kv_per_token), activation_bytes=int(activations),
+                overhead_bytes=overhead, total_bytes=int(total), gpu_mem_gb=gpu_mem_gb, devices_needed=devices)
+
+
+def format_plan(plan: Plan) -> str:
+    def gb(n: int) -> str:
+        return f"{n / GiB:8.2f} GiB"
+
+    lines = [
+        f"model        {plan.model}  ({plan.params / 1e9:.3f}B params, {plan.quant}, {plan.device})",
+        f"weights      {gb(plan.weights_bytes)}",
+        f"KV cache     {gb(plan.kv_cache_bytes)}  ({plan.kv_bytes_per_token / 1024:.0f} KiB/token x "
+        f"{plan.context} tokens x batch {plan.batch})",
+        f"activations  {gb(plan.activation_bytes)}",
+        f"runtime      {gb(plan.overhead_bytes)}",
+        f"total        {gb(plan.total_bytes)}",
+    ]
+    if plan.devices_needed is not None:
+        lines.append(f"devices      {plan.devices_needed} x {plan.gpu_mem_gb:g} GB")
+    return "\n".join(lines)
