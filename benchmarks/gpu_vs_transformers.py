@@ -77,15 +77,20 @@ def main() -> None:
     config = ModelConfig(**kwargs)
     state = {k: v for k, v in hf.state_dict().items() if not (k == "lm_head.weight" and config.tie_word_embeddings)}
     ours = build_model(config, state, device="cuda", dtype=torch.bfloat16)
-    llm = LLM(ours, Tokenizer.from_file(args.tokenizer), name=args.config)
+    tokenizer = Tokenizer.from_file(args.tokenizer)
+    engines = {"qwen15 (eager)": LLM(ours, tokenizer, name=args.config, compile=False),
+               "qwen15 (compiled decode, CUDA graph)": LLM(ours, tokenizer, name=args.config, compile=True)}
     prompt = torch.randint(0, 150000, (args.prompt_tokens,)).tolist()
 
-    rows = {"transformers": [], "qwen15": []}
+    rows = {"transformers": [], **{name: [] for name in engines}}
     bench_transformers(hf, prompt[:32], 4)
-    bench_qwen15(llm, prompt[:32], 4)  # warm-up both
+    for llm in engines.values():  # warm-up (and compile) each
+        bench_qwen15(llm, prompt[:32], 8)
+        bench_qwen15(llm, prompt, 8)
     for _ in range(args.rounds):  # interleaved rounds, medians
         rows["transformers"].append(bench_transformers(hf, prompt, args.gen_tokens))
-        rows["qwen15"].append(bench_qwen15(llm, prompt, args.gen_tokens))
+        for name, llm in engines.items():
+            rows[name].append(bench_qwen15(llm, prompt, args.gen_tokens))
     summary = {name: {"prefill_tok_s": round(statistics.median(r[0] for r in rs), 1),
                       "decode_tok_s": round(statistics.median(r[1] for r in rs), 1)} for name, rs in rows.items()}
     gpu = torch.cuda.get_device_name()

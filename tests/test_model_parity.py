@@ -109,3 +109,17 @@ def test_kv_cache_stores_only_kv_heads():
     assert cache.k.shape == (3, 1, 1, 16, 16)
     assert KVCache.bytes_per_token(config) * config.kv_groups == KVCache.bytes_per_token(
         ModelConfig(**{**BASE, "num_key_value_heads": 4}))
+
+
+def test_static_positions_match_eager_decode(pair):
+    """Tensor start positions (the compiled-decode path: whole cache + mask) give the same logits."""
+    hf, ours, config = pair
+    device = ours.output_weight.device
+    ids = torch.randint(0, config.vocab_size, (1, 14), device=device)
+    with torch.no_grad():
+        expected = hf(ids).logits
+        cache = KVCache(config, max_len=20, device=device)
+        got = [ours(ids[:, :6], cache=cache, start_pos=torch.tensor([0], device=device))]
+        for pos in range(6, ids.shape[1]):
+            got.append(ours(ids[:, pos:pos + 1], cache=cache, start_pos=torch.tensor([pos], device=device)))
+    torch.testing.assert_close(torch.cat(got, dim=1), expected, atol=1e-4, rtol=1e-4)

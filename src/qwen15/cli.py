@@ -66,7 +66,8 @@ def _sampling(args: argparse.Namespace, chat: bool):
 def _load(args: argparse.Namespace):
     from .engine.engine import LLM
 
-    llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context)
+    llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context,
+                   compile=False if args.no_compile else None)
     if getattr(args, "draft", None):
         llm.attach_draft(LLM.load(args.draft, device=args.device, context_length=args.context),
                          tokens=args.draft_tokens)
@@ -173,6 +174,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--context", type=int, default=None, help="context window in tokens (default: the model's)")
+    p.add_argument("--no-compile", action="store_true", help="do not compile the decode step (on by default on CUDA)")
     p.add_argument("--max-tokens", type=int, default=None, help="most new tokens (default: 256)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: greedy; chat: 0.7)")
     p.add_argument("--top-k", type=int, default=None)

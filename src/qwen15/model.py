@@ -4,6 +4,10 @@ Module and parameter names follow transformers' Qwen2ForCausalLM so that a check
 onto this model one to one (MoE experts are stacked into [experts, out, in] tensors). The model is
 stateless between calls: a KV cache object is passed in, which keeps the engine free to choose its
 own cache layout. The cache only needs `update(layer, k, v, start_pos) -> (keys, values)`.
+
+start_pos is a Python int (eager: the cache returns just the filled positions) or a one-element tensor
+(static shapes for torch.compile / CUDA graphs: the cache returns its whole length and the mask hides
+the positions not yet written).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from .config import ModelConfig
 
 
 class LayerCache(Protocol):
-    def update(self, layer: int, k: Tensor, v: Tensor, start_pos: int) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, k: Tensor, v: Tensor, start_pos: int | Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v ([B, kv_heads, T, head_dim]) at start_pos; return all keys/values so far."""
 
 
@@ -50,11 +54,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def attention_mask(q_len: int, k_len: int, start_pos: int, window: int | None, device) -> Tensor | None:
+def attention_mask(q_len: int, k_len: int, start_pos: int | Tensor, window: int | None, device) -> Tensor | None:
     """Boolean mask [q_len, k_len] (True = may attend) for queries at start_pos.., or None if causal-free."""
-    if q_len == 1 and (window is None or k_len <= window):
+    static = isinstance(start_pos, Tensor)
+    if q_len == 1 and not static and (window is None or k_len <= window):
         return None  # one new token sees the whole cache
-    q_pos = torch.arange(start_pos, start_pos + q_len, device=device)[:, None]
+    q_pos = (start_pos + torch.arange(q_len, device=device))[:, None]
     k_pos = torch.arange(k_len, device=device)[None, :]
     mask = k_pos <= q_pos
     if window is not None:
@@ -78,7 +83,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None, start_pos: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None,
+                start_pos: int | Tensor) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
@@ -160,7 +166,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None, start_pos: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None,
+                start_pos: int | Tensor) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -189,16 +196,17 @@ class Transformer(nn.Module):
     def output_weight(self) -> Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, input_ids: Tensor, cache: LayerCache | None = None, start_pos: int = 0) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, cache: LayerCache | None = None,
+                      start_pos: int | Tensor = 0) -> Tensor:
         """Final-normed hidden states [B, T, H] for tokens at positions start_pos .. start_pos+T-1."""
         x = self.model.embed_tokens(input_ids)
-        positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=input_ids.device)
+        positions = start_pos + torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, start_pos)
         return self.model.norm(x)
 
-    def forward(self, input_ids: Tensor, cache: LayerCache | None = None, start_pos: int = 0,
+    def forward(self, input_ids: Tensor, cache: LayerCache | None = None, start_pos: int | Tensor = 0,
                 last_only: bool = False) -> Tensor:
         h = self.hidden_states(input_ids, cache, start_pos)
         if last_only:

@@ -80,7 +80,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str) -> tuple[ModelC
 
 class LLM:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, context_length: int | None = None,
-                 name: str = "", load_s: float = 0.0):
+                 name: str = "", load_s: float = 0.0, compile: bool | None = None):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
@@ -92,6 +92,11 @@ class LLM:
                                   self.config.max_position_embeddings)
         self.draft: LLM | None = None
         self.draft_tokens = 4
+        # On CUDA the one-token decode step is compiled and replayed as a CUDA graph: that needs one
+        # cache at a fixed address (made on first use) and tensor positions (static shapes).
+        self.compile = compile if compile is not None else self.device.type == "cuda"
+        self._static_cache: KVCache | None = None
+        self._compiled_step = None
 
     def attach_draft(self, draft: "LLM", tokens: int = 4) -> None:
         """Use draft for speculative decoding of greedy requests (the output stays the target's own)."""
@@ -106,7 +111,7 @@ class LLM:
 
     @classmethod
     def load(cls, model: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | str | None = None,
-             threads: int | None = None, context_length: int | None = None) -> "LLM":
+             threads: int | None = None, context_length: int | None = None, compile: bool | None = None) -> "LLM":
         """Load a packaged name, hub name, local directory or .gguf file (None: the default model)."""
         from ..weights.resolve import resolve_model
 
@@ -120,7 +125,7 @@ class LLM:
         path = resolve_model(None if model is None else str(model))
         _, net, tokenizer = load_checkpoint(path, dtype, device)
         return cls(net, tokenizer, context_length=context_length, name=str(model or path.name),
-                   load_s=time.perf_counter() - start)
+                   load_s=time.perf_counter() - start, compile=compile)
 
     # ---- prompts --------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[dict] | list[int], chat: bool = False) -> list[int]:
@@ -160,7 +165,11 @@ class LLM:
 
             yield from speculative_tokens(self, self.draft, run, max_new, stop_ids, self.draft_tokens)
             return
-        cache = KVCache(self.config, len(prompt) + max_new, dtype=self.dtype, device=self.device)
+        if self.compile:
+            cache, step = self._compiled_decode(len(prompt) + max_new)
+        else:
+            cache = KVCache(self.config, len(prompt) + max_new, dtype=self.dtype, device=self.device)
+            step = None
         sampler = Sampler(params)
 
         t0 = time.perf_counter()
@@ -181,11 +190,29 @@ class LLM:
             if len(run.token_ids) >= max_new:
                 run.finish_reason = "length"
                 break
-            logits = self.model(torch.tensor([[token]], device=self.device), cache=cache, start_pos=pos,
-                                last_only=True)
+            token_ids = torch.tensor([[token]], device=self.device)
+            if step is not None:
+                logits = step(token_ids, torch.tensor([pos], device=self.device), cache)
+            else:
+                logits = self.model(token_ids, cache=cache, start_pos=pos, last_only=True)
             pos += 1
             run.decode_s = time.perf_counter() - t0
         run.decode_s = time.perf_counter() - t0
+
+    def _compiled_decode(self, needed: int):
+        """The persistent static cache and the compiled one-token step (built on first use)."""
+        if self._static_cache is None or self._static_cache.max_len < needed:
+            self._static_cache = KVCache(self.config, max(needed, min(self.context_length, 4096)),
+                                         dtype=self.dtype, device=self.device)
+            torch._dynamo.mark_static_address(self._static_cache.k)
+            torch._dynamo.mark_static_address(self._static_cache.v)
+            model = self.model
+
+            def step(token_ids, position, cache):
+                return model(token_ids, cache=cache, start_pos=position, last_only=True).clone()
+
+            self._compiled_step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        return self._static_cache, self._compiled_step
 
     def _stream(self, run: _Run, params: SamplingParams) -> Iterator[str]:
         """Text pieces, never a partial character, and cut at the first stop string."""

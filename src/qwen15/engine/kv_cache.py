@@ -27,7 +27,14 @@ class KVCache:
         itemsize = torch.empty(0, dtype=dtype).element_size()
         return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
 
-    def update(self, layer: int, k: Tensor, v: Tensor, start_pos: int) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, k: Tensor, v: Tensor, start_pos: int | Tensor) -> tuple[Tensor, Tensor]:
+        if isinstance(start_pos, Tensor):
+            # Static shapes (compiled decode): write in place at tensor positions, return the whole cache;
+            # the attention mask hides what is not written yet.
+            positions = start_pos + torch.arange(k.shape[2], device=k.device)
+            self.k[layer].index_copy_(2, positions, k)
+            self.v[layer].index_copy_(2, positions, v)
+            return self.k[layer], self.v[layer]
         end = start_pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
