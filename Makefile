@@ -17,7 +17,8 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/qwen15 pull qwen2.5-coder-0.5b-instruct
-	$(BIN)/qwen15 generate --chat --max-tokens 128 --prompt "Write a Python function that checks whether a number is prime."
+	$(BIN)/qwen15 generate --chat --temperature 0 --max-tokens 200 \
+		--prompt "Write a Python function that checks whether a number is prime."
 
 test: install
 	$(BIN)/python -m pytest -q
