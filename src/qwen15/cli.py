@@ -67,9 +67,9 @@ def _load(args: argparse.Namespace):
     from .engine.engine import LLM
 
     llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context,
-                   compile=False if args.no_compile else None)
+                   compile=False if args.no_compile else None, quant=args.quant)
     if getattr(args, "draft", None):
-        llm.attach_draft(LLM.load(args.draft, device=args.device, context_length=args.context),
+        llm.attach_draft(LLM.load(args.draft, device=args.device, context_length=args.context, quant=args.quant),
                          tokens=args.draft_tokens)
     return llm
 
@@ -148,7 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise GenerationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     result = run_bench(args.model, args.prompt_tokens, args.gen_tokens, args.threads, args.device,
-                       draft=args.draft, draft_tokens=args.draft_tokens)
+                       draft=args.draft, draft_tokens=args.draft_tokens, quant=args.quant)
     row = as_dict(result)
     if args.json:
         print(json.dumps(row))
@@ -175,6 +175,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--context", type=int, default=None, help="context window in tokens (default: the model's)")
     p.add_argument("--no-compile", action="store_true", help="do not compile the decode step (on by default on CUDA)")
+    p.add_argument("--quant", choices=("gguf", "none"), default="gguf",
+                   help="gguf: keep a .gguf file's quantized weights compact on CPU (default); none: dequantize to fp32")
     p.add_argument("--max-tokens", type=int, default=None, help="most new tokens (default: 256)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: greedy; chat: 0.7)")
     p.add_argument("--top-k", type=int, default=None)
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--draft", default=None, help="draft model: measure speculative decoding")
+    p.add_argument("--quant", choices=("gguf", "none"), default="gguf",
+                   help="gguf: keep a .gguf file's quantized weights compact on CPU (default); none: dequantize")
     p.add_argument("--draft-tokens", type=int, default=4)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=cmd_bench)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .quant.modules import linear, quantize_model
 
 
 class LayerCache(Protocol):
@@ -194,7 +195,20 @@ class Transformer(nn.Module):
 
     @property
     def output_weight(self) -> Tensor:
+        """The dense head matrix (not available when the head is kept block-int8 quantized)."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    def head(self, h: Tensor) -> Tensor:
+        """Logits from final hidden states: lm_head, or the embedding table when tied (dense or block int8)."""
+        return linear(h, self.model.embed_tokens if self.lm_head is None else self.lm_head)
 
     def hidden_states(self, input_ids: Tensor, cache: LayerCache | None = None,
                       start_pos: int | Tensor = 0) -> Tensor:
@@ -211,12 +225,15 @@ class Transformer(nn.Module):
         h = self.hidden_states(input_ids, cache, start_pos)
         if last_only:
             h = h[:, -1:]  # generation needs only the next-token logits: skip the rest of the vocab matmul
-        return F.linear(h, self.output_weight)
+        return self.head(h)
 
 
 def build_model(config: ModelConfig, state_dict: dict[str, Tensor] | None = None,
                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    """A model holding state_dict's tensors (no copy when dtype/device already match), or random init."""
+    """A model holding state_dict's tensors (no copy when dtype/device already match), or random init.
+
+    Entries that are `quant.blocks.BlockInt8` (load_gguf(keep_quantized=True)) become QuantLinear /
+    QuantEmbedding modules that keep the weight compact (CPU, float32 activations)."""
     if state_dict is None:
         with torch.device(device):
             model = Transformer(config).to(dtype)
@@ -226,8 +243,11 @@ def build_model(config: ModelConfig, state_dict: dict[str, Tensor] | None = None
         return model.eval()
     with torch.device("meta"):
         model = Transformer(config)
+    state_dict = dict(state_dict)
+    held = quantize_model(model, state_dict)  # pops the BlockInt8 entries
     tensors = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k in missing if k not in held]
     if missing or unexpected:
         from .errors import WeightsError
 

@@ -47,16 +47,19 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 
 def run_bench(model: str | None, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int | None = None,
-              device: str = "cpu", draft: str | None = None, draft_tokens: int = 4) -> BenchResult:
+              device: str = "cpu", draft: str | None = None, draft_tokens: int = 4,
+              quant: str = "gguf") -> BenchResult:
     import torch
 
     from .engine import LLM
     from .sampling import SamplingParams
 
     start = time.perf_counter()
-    llm = LLM.load(model, device=device, threads=threads, context_length=prompt_tokens + gen_tokens + 1)
+    llm = LLM.load(model, device=device, threads=threads, context_length=prompt_tokens + gen_tokens + 1,
+                   quant=quant)
     if draft:
-        llm.attach_draft(LLM.load(draft, device=device, context_length=prompt_tokens + gen_tokens + 1),
+        llm.attach_draft(LLM.load(draft, device=device, context_length=prompt_tokens + gen_tokens + 1,
+                                  quant=quant),
                          tokens=draft_tokens)
     load_s = time.perf_counter() - start
     ids = prompt_ids(llm.tokenizer, prompt_tokens)

@@ -61,12 +61,22 @@ class _Run:
     accepted: int = 0
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype, device: str) -> tuple[ModelConfig, Transformer, Tokenizer]:
-    """A resolved local path (a .gguf file or an HF directory) to config, model and tokenizer."""
+QUANT_MODES = ("gguf", "none")
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
+                    quant: str = "gguf") -> tuple[ModelConfig, Transformer, Tokenizer]:
+    """A resolved local path (a .gguf file or an HF directory) to config, model and tokenizer.
+
+    quant="gguf": a GGUF's quantized matrices stay compact (block int8, quant/blocks.py) when running
+    on CPU in float32; quant="none" dequantizes everything to `dtype` (always the case on CUDA)."""
+    if quant not in QUANT_MODES:
+        raise GenerationError(f"unknown quant mode {quant!r}: expected one of {', '.join(QUANT_MODES)}")
     if path.is_file():
         from ..weights.gguf import load_gguf
 
-        config, state_dict, metadata = load_gguf(path, dtype=dtype)
+        keep = quant == "gguf" and str(device) == "cpu" and dtype == torch.float32
+        config, state_dict, metadata = load_gguf(path, dtype=dtype, keep_quantized=keep)
         tokenizer = Tokenizer.from_gguf_metadata(metadata)
     else:
         from ..weights.safetensors import load_safetensors
@@ -86,8 +96,8 @@ class LLM:
         self.tokenizer = tokenizer
         self.name = name
         self.load_s = load_s
-        self.device = model.output_weight.device
-        self.dtype = model.output_weight.dtype
+        self.device = model.device
+        self.dtype = model.dtype
         self.context_length = min(context_length or self.config.max_position_embeddings,
                                   self.config.max_position_embeddings)
         self.draft: LLM | None = None
@@ -111,8 +121,11 @@ class LLM:
 
     @classmethod
     def load(cls, model: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | str | None = None,
-             threads: int | None = None, context_length: int | None = None, compile: bool | None = None) -> "LLM":
-        """Load a packaged name, hub name, local directory or .gguf file (None: the default model)."""
+             threads: int | None = None, context_length: int | None = None, compile: bool | None = None,
+             quant: str = "gguf") -> "LLM":
+        """Load a packaged name, hub name, local directory or .gguf file (None: the default model).
+
+        quant: "gguf" keeps a GGUF's quantized weights compact on CPU (float32); "none" dequantizes."""
         from ..weights.resolve import resolve_model
 
         if threads:
@@ -123,7 +136,7 @@ class LLM:
         dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
         start = time.perf_counter()
         path = resolve_model(None if model is None else str(model))
-        _, net, tokenizer = load_checkpoint(path, dtype, device)
+        _, net, tokenizer = load_checkpoint(path, dtype, device, quant=quant)
         return cls(net, tokenizer, context_length=context_length, name=str(model or path.name),
                    load_s=time.perf_counter() - start, compile=compile)
 

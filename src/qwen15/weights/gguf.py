@@ -368,9 +368,12 @@ def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return dequantize(data.reshape(n_blocks // k, k * type_size), qtype)
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
-              progress: bool | None = None) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool | None = None,
+              keep_quantized: bool = False) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
     """Read a qwen2 / qwen2moe GGUF: (config, state dict in our names dequantized to `dtype`, metadata).
+
+    keep_quantized: quantized 2-D tensors whose type converts losslessly to block int8 (Q8_0, Q5_0,
+    Q4_0, Q5_1, Q4_1, Q4_K, Q5_K, Q6_K) come back as `qwen15.quant.blocks.BlockInt8` instead.
 
     Every tensor the config implies must be present with that shape (checked before any is
     dequantized). A progress bar goes to stderr when it is a terminal, or when progress=True."""
@@ -394,12 +397,21 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
             raise WeightsError(f"{path}: tensor '{g}' has shape {shape} but the config implies {shapes[ours]}")
     show = _stderr_is_tty() if progress is None else progress
 
+    from ..quant.blocks import from_gguf
+
     def convert(item: tuple[str, str]) -> torch.Tensor:
         ours, g = item
+        t = tensors[g]
         try:
+            if keep_quantized and len(shapes[ours]) == 2 and t.torch_shape == shapes[ours]:
+                blocks = from_gguf(t.data, t.tensor_type, t.torch_shape)
+                if blocks is not None:
+                    return blocks
             return _to_torch(tensors[g], dtype).reshape(shapes[ours])
         except WeightsError as e:
             raise WeightsError(f"{path}: {e}") from None
+        finally:
+            _release(t)
 
     # numpy's dequantizers release the GIL for most of their work: two threads load ~1.6x faster.
     state: dict[str, torch.Tensor] = {}
@@ -411,6 +423,19 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
             state[ours] = tensor
     check_state_dict(state, config, path)
     return config, state, dict(f.metadata)
+
+
+def _release(t: GGUFTensor) -> None:
+    """Drop the tensor's mmap pages from this process once it is copied out (they count in its RSS
+    otherwise; the file stays in the page cache, and a later read just maps the pages again)."""
+    advise = getattr(t._buffer, "madvise", None)
+    if advise is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = t.data_offset - t.data_offset % mmap.PAGESIZE
+    try:
+        advise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+    except (OSError, ValueError):
+        pass
 
 
 def _same_shape(got: tuple[int, ...], want: tuple[int, ...]) -> bool:

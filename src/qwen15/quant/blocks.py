@@ -1,0 +1,150 @@
+"""Block int8: one compact layout that every common GGUF quant type converts to without loss.
+
+A weight [O, K] is held as int8 values `q` [O, K], one float32 `scale` per block of B weights
+[O, K // B] and, for types with mins, one float32 `offset` per block: w = q * scale + offset.
+
+    Q8_0  q = int8,            scale = d                       B = 32
+    Q5_0  q = 5-bit - 16,      scale = d                       B = 32
+    Q4_0  q = 4-bit - 8,       scale = d                       B = 32
+    Q5_1  q = 5-bit,           scale = d,      offset = m      B = 32
+    Q4_1  q = 4-bit,           scale = d,      offset = m      B = 32
+    Q4_K  q = 4-bit,           scale = d*sc,   offset = -dmin*m  B = 32 (sub-blocks of a 256 super-block)
+    Q5_K  q = 5-bit,           scale = d*sc,   offset = -dmin*m  B = 32
+    Q6_K  q = 6-bit - 32,      scale = d*sc                    B = 16
+
+The fp16 d times a 6- or 8-bit integer sc is exact in float32, so `dequantize` reproduces
+`gguf.quants.dequantize` bit for bit. The decoders below follow gguf/quants.py, but keep the integer
+values and the per-block scales apart instead of multiplying them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+
+@dataclass
+class BlockInt8:
+    q: torch.Tensor  # int8 [O, K]
+    scale: torch.Tensor  # float32 [O, K // block]
+    offset: torch.Tensor | None  # float32 [O, K // block] or None
+    block: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.offset) if t is not None)
+
+
+def dequantize(w: BlockInt8) -> torch.Tensor:
+    """float32 [O, K]: q * scale (+ offset), block by block (the same float ops as gguf's numpy)."""
+    O, K = w.q.shape
+    nb = K // w.block
+    out = w.q.view(O, nb, w.block).float() * w.scale.view(O, nb, 1)
+    if w.offset is not None:
+        out = out + w.offset.view(O, nb, 1)
+    return out.view(O, K)
+
+
+CONVERTIBLE = (Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q5_1, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """[n, 2] uint8 -> [n] float32."""
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32).reshape(-1)
+
+
+def _nibbles(qs: np.ndarray, group: int) -> np.ndarray:
+    """Bytes [n, G*group] -> uint8 [n, G*2*group]: each group of bytes gives its low nibbles, then its high."""
+    n = qs.shape[0]
+    q = qs.reshape(n, -1, 1, group) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return (q & np.uint8(0x0F)).reshape(n, -1)
+
+
+def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 12 packed bytes of Q4_K/Q5_K -> 8 six-bit scales and 8 six-bit mins (gguf's Q4_K.get_scale_min)."""
+    n = scales.shape[0]
+    s = scales.reshape(n, 3, 4)
+    d, m, m_d = s[:, 0], s[:, 1], s[:, 2]
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _decode(blocks: np.ndarray, qtype: Q) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """[n_blocks, type_size] bytes -> (q int8 [n, QK], scale [n, QK/B], offset or None, B)."""
+    n = blocks.shape[0]
+    if qtype == Q.Q8_0:
+        return blocks[:, 2:].view(np.int8), _f16(blocks[:, :2])[:, None], None, 32
+    if qtype == Q.Q4_0:
+        q = _nibbles(blocks[:, 2:], 16).astype(np.int8) - np.int8(8)
+        return q, _f16(blocks[:, :2])[:, None], None, 32
+    if qtype == Q.Q4_1:
+        return (_nibbles(blocks[:, 4:], 16).view(np.int8), _f16(blocks[:, :2])[:, None],
+                _f16(blocks[:, 2:4])[:, None], 32)
+    if qtype in (Q.Q5_0, Q.Q5_1):
+        h = 2 if qtype == Q.Q5_0 else 4  # header bytes before qh
+        qh = np.ascontiguousarray(blocks[:, h:h + 4]).view(np.uint32).reshape(n, 1)
+        qh = ((qh >> np.arange(32, dtype=np.uint32).reshape(1, 32)) & np.uint32(1)).astype(np.uint8)
+        q = (_nibbles(blocks[:, h + 4:], 16) | (qh << np.uint8(4))).view(np.int8)
+        d = _f16(blocks[:, :2])[:, None]
+        if qtype == Q.Q5_0:
+            return q - np.int8(16), d, None, 32
+        return q, d, _f16(blocks[:, 2:4])[:, None], 32
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        d, dmin = _f16(blocks[:, :2])[:, None], _f16(blocks[:, 2:4])[:, None]
+        sc, mn = _k_scale_min(blocks[:, 4:16])
+        if qtype == Q.Q4_K:
+            q = _nibbles(blocks[:, 16:], 32)
+        else:
+            qh = blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+            q = _nibbles(blocks[:, 48:], 32) | ((qh & np.uint8(1)) << np.uint8(4)).reshape(n, -1)
+        return q.view(np.int8), d * sc, -(dmin * mn), 32
+    if qtype == Q.Q6_K:
+        ql, qh = blocks[:, :128], blocks[:, 128:192]
+        scales, d = blocks[:, 192:208].view(np.int8).astype(np.float32), _f16(blocks[:, 208:210])[:, None]
+        lo = _nibbles(ql, 64)
+        hi = (qh.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)
+        q = (lo | (hi.reshape(n, -1) << np.uint8(4))).view(np.int8) - np.int8(32)
+        return q, d * scales, None, 16
+    raise NotImplementedError(qtype)
+
+
+def from_gguf(raw: np.ndarray, qtype: Q, torch_shape: tuple[int, ...]) -> BlockInt8 | None:
+    """A GGUF tensor's bytes as BlockInt8, or None when its type (or rank) does not convert."""
+    if qtype not in CONVERTIBLE or len(torch_shape) != 2:
+        return None
+    O, K = torch_shape
+    qk, type_size = GGML_QUANT_SIZES[qtype]
+    if K % qk:
+        return None
+    blocks = np.asarray(raw).reshape(-1, type_size)
+    n = blocks.shape[0]
+    # Decoded in slices into preallocated outputs: the decoders' temporaries (up to 4 bytes a weight)
+    # then stay small, which keeps peak memory near the compact size on a 136M-weight embedding.
+    step = _CHUNK_WEIGHTS // qk
+    q = scale = offset = None
+    for s in range(0, n, step):
+        cq, cs, co, B = _decode(blocks[s:s + step], qtype)
+        if q is None:
+            q = np.empty((n, qk), np.int8)
+            scale = np.empty((n, qk // B), np.float32)
+            offset = None if co is None else np.empty((n, qk // B), np.float32)
+        q[s:s + step], scale[s:s + step] = cq, cs
+        if offset is not None:
+            offset[s:s + step] = co
+    return BlockInt8(
+        q=torch.from_numpy(q).reshape(O, K),
+        scale=torch.from_numpy(scale).reshape(O, K // B),
+        offset=None if offset is None else torch.from_numpy(offset).reshape(O, K // B),
+        block=B,
+    )
+
+
+_CHUNK_WEIGHTS = 1 << 22
