@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .quant.modules import linear, quantize_model
+from .quant.modules import fuse_projections, linear, quantize_model
 
 
 class LayerCache(Protocol):
@@ -83,13 +83,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+        # Compact (block-int8) weights fuse q/k/v into one matrix: one kernel call reads all three.
+        self.qkv_proj: nn.Module | None = None
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.kv_heads * self.head_dim
+        return self.qkv_proj(x).split((self.heads * self.head_dim, kv, kv), dim=-1)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None,
                 start_pos: int | Tensor) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.reshape(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        v = v.reshape(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start_pos)  # all positions so far: [B, KV, S, D]
@@ -109,9 +118,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # fused gate and up (compact weights): one kernel call
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Experts(nn.Module):
@@ -252,4 +266,6 @@ def build_model(config: ModelConfig, state_dict: dict[str, Tensor] | None = None
         from .errors import WeightsError
 
         raise WeightsError(f"state dict does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if held:
+        fuse_projections(model)
     return model.eval()

@@ -1,28 +1,42 @@
 /* Block-int8 matrix times activations, for decode (M = 1) and small batches (M <= ~16).
 
-   y[m, o] = sum_b scale[o,b] * (sum_j q[o,b,j] * x[m,b,j])  +  offset[o,b] * xsum[m,b]
+   Weights: q int8 [O, K], scale/offset float32 [O, K/B] (offset may be NULL), B = 16 or 32 (any B
+   that divides K on the scalar paths): w = q * scale + offset. Output y float32 [M, O].
 
-   q int8 [O, K], scale/offset float32 [O, K/B], x float32 [M, K], xsum float32 [M, K/B] (only read when
-   offset != NULL), y float32 [M, O]. Parallel over output rows with OpenMP; each weight row is read from
-   memory once and reused from L1 for every tile of activation rows. AVX-512 when the compiler targets it
-   (built with -march=native on the machine that runs it), plain C otherwise. */
+   Two kernels:
+   - blockint8_matmul: float32 activations, exact up to summation order (the reference path).
+       y[m, o] = sum_b scale[o,b] * (sum_j q[o,b,j] * x[m,b,j])  +  offset[o,b] * xsum[m,b]
+   - blockint8_matmul_q8: activations rounded to int8 per block of 32 (x ~ xq * dx, as llama.cpp's Q8_0
+       activations), so the inner product is an integer dot product: four times fewer instructions per
+       weight than converting the weights to float, which makes decode memory-bound instead of
+       compute-bound. The offset term uses the float block sums of x.
 
+   Parallel over output rows with OpenMP; each weight row is read from memory once and reused from L1 for
+   every activation row of a tile. Paths: AVX-512 (exact kernel), AVX2 + FMA (both kernels), plain C.
+   The library is built with -march=native on the machine that runs it, so the #if picks the path. */
+
+#include <math.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 #define TILE 8
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+
+/* ---------------------------------------------------------------- exact kernel, float activations */
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define EXACT_ISA 2
 
 static inline __attribute__((always_inline)) __m512 load_q16(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
-/* One weight row against MT (compile-time after inlining) activation rows; B a multiple of 16. */
-static inline __attribute__((always_inline)) void row_tile(
-        const int8_t *qrow, const float *srow, const float *orow, const float *x, const float *xsum,
-        int K, int B, int MT, float *out) {
+static inline __attribute__((always_inline)) void exact_tile(
+        const int8_t *qrow, const float *srow, const float *x, int K, int B, int MT, float *out) {
     __m512 acc[TILE];
     for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
     const int nb = K / B;
@@ -44,24 +58,7 @@ static inline __attribute__((always_inline)) void row_tile(
             a3 = _mm512_fmadd_ps(_mm512_mul_ps(load_q16(qrow + k + 48), s3), _mm512_loadu_ps(x + k + 48), a3);
         }
         acc[0] = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-    } else if (B == 32) {
-        for (int b = 0; b < nb; b++) {
-            const __m512 s = _mm512_set1_ps(srow[b]);
-            const __m512 w0 = _mm512_mul_ps(load_q16(qrow + b * 32), s);
-            const __m512 w1 = _mm512_mul_ps(load_q16(qrow + b * 32 + 16), s);
-            for (int m = 0; m < MT; m++) {
-                const float *xp = x + (size_t)m * K + b * 32;
-                acc[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[m]);
-                acc[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + 16), acc[m]);
-            }
-        }
-    } else if (B == 16) {
-        for (int b = 0; b < nb; b++) {
-            const __m512 w0 = _mm512_mul_ps(load_q16(qrow + b * 16), _mm512_set1_ps(srow[b]));
-            for (int m = 0; m < MT; m++)
-                acc[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + (size_t)m * K + b * 16), acc[m]);
-        }
-    } else {
+    } else if (B % 16 == 0) {
         for (int b = 0; b < nb; b++) {
             const __m512 s = _mm512_set1_ps(srow[b]);
             for (int j = 0; j < B; j += 16) {
@@ -70,23 +67,72 @@ static inline __attribute__((always_inline)) void row_tile(
                     acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + (size_t)m * K + b * B + j), acc[m]);
             }
         }
-    }
-    for (int m = 0; m < MT; m++) {
-        float r = _mm512_reduce_add_ps(acc[m]);
-        if (orow) {
-            const float *xs = xsum + (size_t)m * nb;
-            float o = 0.f;
-            for (int b = 0; b < nb; b++) o += orow[b] * xs[b];
-            r += o;
+    } else {
+        for (int m = 0; m < MT; m++) {
+            float r = 0.f;
+            for (int b = 0; b < nb; b++) {
+                float t = 0.f;
+                for (int j = 0; j < B; j++) t += (float)qrow[b * B + j] * x[(size_t)m * K + b * B + j];
+                r += srow[b] * t;
+            }
+            out[m] = r;
         }
-        out[m] = r;
+        return;
     }
+    for (int m = 0; m < MT; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
-#define HAVE_AVX512 1
+
+#elif defined(__AVX2__) && defined(__FMA__)
+#define EXACT_ISA 1
+
+static inline __attribute__((always_inline)) __m256 load_q8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __attribute__((always_inline)) void exact_tile(
+        const int8_t *qrow, const float *srow, const float *x, int K, int B, int MT, float *out) {
+    const int nb = K / B;
+    if (B % 16 != 0) {
+        for (int m = 0; m < MT; m++) {
+            float r = 0.f;
+            for (int b = 0; b < nb; b++) {
+                float t = 0.f;
+                for (int j = 0; j < B; j++) t += (float)qrow[b * B + j] * x[(size_t)m * K + b * B + j];
+                r += srow[b] * t;
+            }
+            out[m] = r;
+        }
+        return;
+    }
+    __m256 acc[TILE];
+    for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const __m256 s = _mm256_set1_ps(srow[b]);
+        for (int j = 0; j < B; j += 16) {
+            const __m256 w0 = _mm256_mul_ps(load_q8(qrow + b * B + j), s);
+            const __m256 w1 = _mm256_mul_ps(load_q8(qrow + b * B + j + 8), s);
+            for (int m = 0; m < MT; m++) {
+                const float *xp = x + (size_t)m * K + b * B + j;
+                acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[m]);
+                acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), acc[m]);
+            }
+        }
+    }
+    for (int m = 0; m < MT; m++) out[m] = hsum256(acc[m]);
+}
+
 #else
-static inline void row_tile(
-        const int8_t *qrow, const float *srow, const float *orow, const float *x, const float *xsum,
-        int K, int B, int MT, float *out) {
+#define EXACT_ISA 0
+
+static inline void exact_tile(const int8_t *qrow, const float *srow, const float *x, int K, int B, int MT,
+                              float *out) {
     const int nb = K / B;
     for (int m = 0; m < MT; m++) {
         const float *xm = x + (size_t)m * K;
@@ -95,15 +141,28 @@ static inline void row_tile(
             float t = 0.f;
             for (int j = 0; j < B; j++) t += (float)qrow[b * B + j] * xm[b * B + j];
             r += srow[b] * t;
-            if (orow) r += orow[b] * xsum[(size_t)m * nb + b];
         }
         out[m] = r;
     }
 }
-#define HAVE_AVX512 0
 #endif
 
-int blockint8_has_avx512(void) { return HAVE_AVX512; }
+/* The offset term of one weight row for MT activation rows: sum_b offset[b] * xsum[m, b]. */
+static inline void add_offsets(const float *orow, const float *xsum, int nb, int MT, float *out) {
+    for (int m = 0; m < MT; m++) {
+        const float *xs = xsum + (size_t)m * nb;
+        float o = 0.f;
+        for (int b = 0; b < nb; b++) o += orow[b] * xs[b];
+        out[m] += o;
+    }
+}
+
+#define DISPATCH_TILE(call)                                                      \
+    switch (mt) { /* constant row counts keep the accumulators in registers */   \
+        case 1: call(1); break; case 2: call(2); break; case 3: call(3); break;  \
+        case 4: call(4); break; case 5: call(5); break; case 6: call(6); break;  \
+        case 7: call(7); break; default: call(8); break;                        \
+    }
 
 void blockint8_matmul(const float *x, const float *xsum, int M, int K,
                       const int8_t *q, const float *scale, const float *offset, int B, int O,
@@ -113,23 +172,150 @@ void blockint8_matmul(const float *x, const float *xsum, int M, int K,
     for (int o = 0; o < O; o++) {
         const int8_t *qrow = q + (size_t)o * K;
         const float *srow = scale + (size_t)o * nb;
-        const float *orow = offset ? offset + (size_t)o * nb : NULL;
         float out[TILE];
         for (int m0 = 0; m0 < M; m0 += TILE) {
             const int mt = M - m0 < TILE ? M - m0 : TILE;
             const float *xm = x + (size_t)m0 * K;
-            const float *xs = xsum ? xsum + (size_t)m0 * nb : NULL;
-            switch (mt) {  /* constant row counts let the compiler keep the accumulators in registers */
-                case 1: row_tile(qrow, srow, orow, xm, xs, K, B, 1, out); break;
-                case 2: row_tile(qrow, srow, orow, xm, xs, K, B, 2, out); break;
-                case 3: row_tile(qrow, srow, orow, xm, xs, K, B, 3, out); break;
-                case 4: row_tile(qrow, srow, orow, xm, xs, K, B, 4, out); break;
-                case 5: row_tile(qrow, srow, orow, xm, xs, K, B, 5, out); break;
-                case 6: row_tile(qrow, srow, orow, xm, xs, K, B, 6, out); break;
-                case 7: row_tile(qrow, srow, orow, xm, xs, K, B, 7, out); break;
-                default: row_tile(qrow, srow, orow, xm, xs, K, B, 8, out); break;
-            }
+#define EXACT(n) exact_tile(qrow, srow, xm, K, B, n, out)
+            DISPATCH_TILE(EXACT)
+            if (offset) add_offsets(offset + (size_t)o * nb, xsum + (size_t)m0 * nb, nb, mt, out);
             for (int m = 0; m < mt; m++) y[(size_t)(m0 + m) * O + o] = out[m];
         }
     }
 }
+
+/* ---------------------------------------------------------------- q8 kernel, int8 activations */
+
+/* x [M, K] -> xq int8 [M, K] and dx [M, K/32]: per block of 32, dx = max|x| / 127, xq = round(x / dx)
+   (nearest, ties to even, as torch.round). Zero blocks get dx = 0, xq = 0. */
+static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *dx) {
+    const int nb = K / 32;
+    for (int m = 0; m < M; m++) {
+        for (int b = 0; b < nb; b++) {
+            const float *xp = x + (size_t)m * K + b * 32;
+            int8_t *qp = xq + (size_t)m * K + b * 32;
+            float amax = 0.f;
+            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xp[j]));
+            const float d = amax / 127.f;
+            const float id = amax > 0.f ? 127.f / amax : 0.f;
+            for (int j = 0; j < 32; j++) qp[j] = (int8_t)nearbyintf(xp[j] * id);
+            dx[(size_t)m * nb + b] = d;
+        }
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define Q8_ISA 1
+
+/* 32 signed weights . 32 signed activations -> 8 int32 lanes as float (lane i: elements 4i..4i+3).
+   maddubs wants unsigned x signed: |w| times x carrying w's sign. A pair sums to at most
+   2 * 128 * 127 < 2^15, so the int16 saturation never triggers. */
+static inline __attribute__((always_inline)) __m256 dot32(__m256i aw, __m256i w, __m256i xq) {
+    const __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xq, w));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+static inline __attribute__((always_inline)) __m256 block_scale(const float *srow, int b32, int B, float d) {
+    if (B == 32) return _mm256_set1_ps(srow[b32] * d);
+    /* B == 16: lanes 0-3 hold the first 16 elements, lanes 4-7 the second 16 */
+    return _mm256_set_m128(_mm_set1_ps(srow[2 * b32 + 1] * d), _mm_set1_ps(srow[2 * b32] * d));
+}
+
+static inline __attribute__((always_inline)) void q8_tile(
+        const int8_t *qrow, const float *srow, const int8_t *xq, const float *dx, int K, int B, int MT,
+        float *out) {
+    const int nb32 = K / 32;
+    __m256 acc[TILE], acc2[TILE];
+    for (int m = 0; m < MT; m++) acc[m] = acc2[m] = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 1 < nb32; b += 2) {  /* two blocks a step: two independent accumulator chains */
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(qrow + b * 32));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(qrow + b * 32 + 32));
+        const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);
+        for (int m = 0; m < MT; m++) {
+            const int8_t *xp = xq + (size_t)m * K + b * 32;
+            const float *dp = dx + (size_t)m * nb32 + b;
+            acc[m] = _mm256_fmadd_ps(dot32(a0, w0, _mm256_loadu_si256((const __m256i *)xp)),
+                                     block_scale(srow, b, B, dp[0]), acc[m]);
+            acc2[m] = _mm256_fmadd_ps(dot32(a1, w1, _mm256_loadu_si256((const __m256i *)(xp + 32))),
+                                      block_scale(srow, b + 1, B, dp[1]), acc2[m]);
+        }
+    }
+    if (b < nb32) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(qrow + b * 32));
+        const __m256i a0 = _mm256_sign_epi8(w0, w0);
+        for (int m = 0; m < MT; m++) {
+            const int8_t *xp = xq + (size_t)m * K + b * 32;
+            acc[m] = _mm256_fmadd_ps(dot32(a0, w0, _mm256_loadu_si256((const __m256i *)xp)),
+                                     block_scale(srow, b, B, dx[(size_t)m * nb32 + b]), acc[m]);
+        }
+    }
+    for (int m = 0; m < MT; m++) {
+        __m256 v = _mm256_add_ps(acc[m], acc2[m]);
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        out[m] = _mm_cvtss_f32(s);
+    }
+}
+
+#else
+#define Q8_ISA 0
+
+static inline void q8_tile(const int8_t *qrow, const float *srow, const int8_t *xq, const float *dx,
+                           int K, int B, int MT, float *out) {
+    const int nb32 = K / 32;
+    for (int m = 0; m < MT; m++) {
+        const int8_t *xp = xq + (size_t)m * K;
+        float r = 0.f;
+        for (int b = 0; b < nb32; b++) {
+            const float d = dx[(size_t)m * nb32 + b];
+            for (int s = 0; s < 32; s += B < 32 ? B : 32) {  /* weight blocks inside this activation block */
+                const int n = B < 32 ? B : 32;
+                int32_t t = 0;
+                for (int j = 0; j < n; j++) t += (int32_t)qrow[b * 32 + s + j] * (int32_t)xp[b * 32 + s + j];
+                r += (float)t * (srow[(b * 32 + s) / B] * d);
+            }
+        }
+        out[m] = r;
+    }
+}
+#endif
+
+/* Needs K % 32 == 0 and B in {16, 32} (the caller checks). xsum: float block sums over B, or NULL.
+   Returns 0, or -1 when the activation buffers cannot be allocated. */
+int blockint8_matmul_q8(const float *x, const float *xsum, int M, int K,
+                        const int8_t *q, const float *scale, const float *offset, int B, int O,
+                        float *y, int nthreads) {
+    const int nb = K / B;
+    int8_t *xq = malloc((size_t)M * K);
+    float *dx = malloc((size_t)M * (K / 32) * sizeof(float));
+    if (!xq || !dx) { free(xq); free(dx); return -1; }
+    quantize_rows(x, M, K, xq, dx);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int o = 0; o < O; o++) {
+        const int8_t *qrow = q + (size_t)o * K;
+        const float *srow = scale + (size_t)o * nb;
+        float out[TILE];
+        for (int m0 = 0; m0 < M; m0 += TILE) {
+            const int mt = M - m0 < TILE ? M - m0 : TILE;
+            const int8_t *xm = xq + (size_t)m0 * K;
+            const float *dm = dx + (size_t)m0 * (K / 32);
+#define Q8(n) q8_tile(qrow, srow, xm, dm, K, B, n, out)
+            DISPATCH_TILE(Q8)
+            if (offset) add_offsets(offset + (size_t)o * nb, xsum + (size_t)m0 * nb, nb, mt, out);
+            for (int m = 0; m < mt; m++) y[(size_t)(m0 + m) * O + o] = out[m];
+        }
+    }
+    free(xq);
+    free(dx);
+    return 0;
+}
+
+/* Activation rounding exactly as the q8 kernel does it (for tests and the PyTorch reference). */
+void blockint8_quantize_rows(const float *x, int M, int K, int8_t *xq, float *dx) {
+    quantize_rows(x, M, K, xq, dx);
+}
+
+int blockint8_exact_isa(void) { return EXACT_ISA; }
+int blockint8_q8_isa(void) { return Q8_ISA; }

@@ -16,6 +16,7 @@ class _BlockWeight(nn.Module):
     def __init__(self, w: BlockInt8):
         super().__init__()
         self.block = w.block
+        self.activations = "q8"  # how the decode kernel takes activations: "q8" (int8) or "f32" (exact)
         self.register_buffer("q", w.q)
         self.register_buffer("scale", w.scale)
         self.register_buffer("offset", w.offset)  # None is skipped by state_dict()
@@ -26,7 +27,7 @@ class _BlockWeight(nn.Module):
 
     def linear(self, x: Tensor) -> Tensor:
         """x [..., K] @ W.T: the C kernel for up to 16 rows (decode), dequantize + BLAS for more."""
-        y = matmul(x.reshape(-1, x.shape[-1]), self.blocks)
+        y = matmul(x.reshape(-1, x.shape[-1]), self.blocks, activations=self.activations)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -90,6 +91,59 @@ def quantize_model(model: nn.Module, state: dict) -> set[str]:
         setattr(parent, attr, new)
         held.update(f"{path}.{k}" for k in ("q", "scale", "offset"))
     return held
+
+
+def concat_rows(parts: list[BlockInt8]) -> BlockInt8:
+    """Stack weight matrices with the same K along the output dimension, losslessly: a block of 32 is
+    split into two of 16 when the block sizes differ, and a missing offset is zero."""
+    block = min(p.block for p in parts)
+    with_offset = any(p.offset is not None for p in parts)
+
+    def per_block(t: torch.Tensor, b: int) -> torch.Tensor:
+        return t.repeat_interleave(b // block, dim=1) if b != block else t
+
+    return BlockInt8(
+        q=torch.cat([p.q for p in parts]),
+        scale=torch.cat([per_block(p.scale, p.block) for p in parts]),
+        offset=torch.cat([per_block(p.offset if p.offset is not None else torch.zeros_like(p.scale), p.block)
+                          for p in parts]) if with_offset else None,
+        block=block)
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Replace block-int8 q/k/v by one `qkv_proj` and gate/up by one `gate_up_proj` wherever all the
+    parts are block int8: decode then makes 4 kernel calls a layer instead of 7, and the small k/v
+    matrices no longer pay a thread fork/join of their own."""
+    for module in model.modules():
+        names = (("q_proj", "k_proj", "v_proj"), "qkv_proj") if hasattr(module, "qkv_proj") else \
+            (("gate_proj", "up_proj"), "gate_up_proj") if hasattr(module, "gate_up_proj") else (None, None)
+        parts, fused = names
+        if parts is None or not all(isinstance(getattr(module, n, None), QuantLinear) for n in parts):
+            continue
+        linears = [getattr(module, n) for n in parts]
+        biases = [lin.bias for lin in linears]
+        if any(b is not None for b in biases):
+            bias = torch.cat([b.detach() if b is not None else torch.zeros(lin.out_features)
+                              for b, lin in zip(biases, linears)])
+            bias = nn.Parameter(bias, requires_grad=False)
+        else:
+            bias = None
+        new = QuantLinear(concat_rows([lin.blocks for lin in linears]), bias)
+        new.activations = linears[0].activations
+        setattr(module, fused, new)
+        for n in parts:
+            delattr(module, n)
+
+
+def set_activations(model: nn.Module, activations: str) -> None:
+    """Choose the decode kernel of every block-int8 module: "q8" (int8 activations) or "f32" (exact)."""
+    from .native import ACTIVATIONS
+
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    for m in model.modules():
+        if isinstance(m, _BlockWeight):
+            m.activations = activations
 
 
 def is_quantized(model: nn.Module) -> bool:

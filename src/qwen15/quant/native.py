@@ -1,4 +1,9 @@
-"""The C kernel for block-int8 weights: built with gcc on first use, loaded with ctypes.
+"""The C kernels for block-int8 weights: built with gcc on first use, loaded with ctypes.
+
+Two ways to multiply (kernels.c says how): activations="f32" keeps float activations (exact up to
+summation order); activations="q8" rounds them to int8 per block of 32 first, as llama.cpp does, which
+turns the inner loop into integer dot products and makes decode memory-bound. Both are checked against
+PyTorch references here: `matmul_torch` and `matmul_q8_torch`.
 
 The shared library goes to `<cache>/kernels/blockint8-<hash of source and flags>.so` (written under a
 temporary name, then renamed, so processes building at once do not see half a file). Without gcc, or
@@ -73,7 +78,12 @@ def load_library() -> ctypes.CDLL | None:
             P, I = ctypes.c_void_p, ctypes.c_int
             lib.blockint8_matmul.argtypes = [P, P, I, I, P, P, P, I, I, P, I]
             lib.blockint8_matmul.restype = None
-            lib.blockint8_has_avx512.restype = I
+            lib.blockint8_matmul_q8.argtypes = [P, P, I, I, P, P, P, I, I, P, I]
+            lib.blockint8_matmul_q8.restype = I
+            lib.blockint8_quantize_rows.argtypes = [P, I, I, P, P]
+            lib.blockint8_quantize_rows.restype = None
+            lib.blockint8_exact_isa.restype = I
+            lib.blockint8_q8_isa.restype = I
             _lib = lib
         except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch path
             warnings.warn(f"qwen15: block-int8 C kernel unavailable ({e}); using the slower PyTorch path",
@@ -83,9 +93,15 @@ def load_library() -> ctypes.CDLL | None:
         return _lib
 
 
-def has_avx512() -> bool:
+ISA_NAMES = {0: "plain C", 1: "AVX2", 2: "AVX-512"}
+
+
+def kernel_isa() -> dict[str, str]:
+    """Which instruction set each kernel was built for on this machine (for bench output and tests)."""
     lib = load_library()
-    return bool(lib is not None and lib.blockint8_has_avx512())
+    if lib is None:
+        return {"f32": "pytorch", "q8": "pytorch"}
+    return {"f32": ISA_NAMES[lib.blockint8_exact_isa()], "q8": ISA_NAMES[lib.blockint8_q8_isa()]}
 
 
 def block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -114,10 +130,61 @@ def matmul_native(x: torch.Tensor, w: BlockInt8, lib: ctypes.CDLL | None = None)
     return y
 
 
-def matmul(x: torch.Tensor, w: BlockInt8, native_max_rows: int = 16) -> torch.Tensor:
-    """x [M, K] @ W.T: the C kernel for M <= native_max_rows (decode), else dequantize + BLAS (prefill)."""
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (xq int8 [M, K], dx float32 [M, K // 32]) with the q8 kernel's rounding:
+    dx = max|x| / 127 per block of 32, xq = round(x * (127 / max|x|)), ties to even."""
+    M, K = x.shape
+    blocks = x.reshape(M, K // 32, 32)
+    amax = blocks.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.round(blocks * inv[..., None]).to(torch.int8)
+    return xq.reshape(M, K), amax / 127.0
+
+
+def matmul_q8_torch(x: torch.Tensor, w: BlockInt8) -> torch.Tensor:
+    """The q8 kernel's result computed with PyTorch: int8-rounded activations times the exact weights,
+    the offset term from the float activations."""
+    M, K = x.shape
+    xq, dx = quantize_activations(x)
+    xr = (xq.view(M, K // 32, 32).float() * dx[..., None]).view(M, K)
+    y = F.linear(xr, dequantize(BlockInt8(w.q, w.scale, None, w.block)))
+    if w.offset is not None:
+        y = y + block_sums(x, w.block) @ w.offset.T
+    return y
+
+
+def q8_supported(w: BlockInt8) -> bool:
+    return w.q.shape[1] % 32 == 0 and w.block in (16, 32)
+
+
+def matmul_q8_native(x: torch.Tensor, w: BlockInt8, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [M, K] float32 @ W.T with the q8 C kernel (K % 32 == 0, block 16 or 32; the caller checks)."""
+    lib = lib or load_library()
+    x = x.contiguous()
+    M, K = x.shape
+    O = w.q.shape[0]
+    y = torch.empty(M, O, dtype=torch.float32)
+    xsum = block_sums(x, w.block).contiguous() if w.offset is not None else None
+    status = lib.blockint8_matmul_q8(
+        x.data_ptr(), xsum.data_ptr() if xsum is not None else None, M, K,
+        w.q.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr() if w.offset is not None else None,
+        w.block, O, y.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"q8 kernel: cannot allocate activation buffers for {M} x {K}")
+    return y
+
+
+ACTIVATIONS = ("q8", "f32")
+
+
+def matmul(x: torch.Tensor, w: BlockInt8, native_max_rows: int = 16, activations: str = "q8") -> torch.Tensor:
+    """x [M, K] @ W.T: a C kernel for M <= native_max_rows (decode), else dequantize + BLAS (prefill,
+    where the matmul is compute-bound and BLAS is fast). activations: "q8" (int8 dot products, the
+    default) or "f32" (exact); "q8" falls back to "f32" for shapes it does not take."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= native_max_rows:
         lib = load_library()
         if lib is not None:
+            if activations == "q8" and q8_supported(w):
+                return matmul_q8_native(x, w, lib)
             return matmul_native(x, w, lib)
     return matmul_torch(x.to(torch.float32), w).to(x.dtype)
