@@ -63,3 +63,15 @@ def test_cli_json():
     assert row["devices_needed"] == 1 and row["quant"] == "int4"
     assert row["total_bytes"] == row["weights_bytes"] + row["kv_cache_bytes"] + row["activation_bytes"] + row[
         "overhead_bytes"]
+
+
+@pytest.mark.real_model
+def test_plan_agrees_with_the_peak_rss_bench_measures(real_gguf_path):
+    """The issue's check: for the 0.5B file, plan's total is within 15% of `qwen15 bench`'s peak RSS."""
+    prompt, gen = 128, 16
+    out = subprocess.run([sys.executable, "-m", "qwen15.cli", "bench", "--model", str(real_gguf_path),
+                          "--prompt-tokens", str(prompt), "--gen-tokens", str(gen), "--json"],
+                         capture_output=True, text=True, check=True)
+    rss = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"] * 2 ** 20
+    plan = make_plan(str(real_gguf_path), context=prompt + gen + 1)
+    assert abs(plan.total_bytes - rss) / rss < 0.15, (plan.total_bytes / 2 ** 20, rss / 2 ** 20)

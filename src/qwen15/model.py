@@ -247,7 +247,8 @@ def build_model(config: ModelConfig, state_dict: dict[str, Tensor] | None = None
     """A model holding state_dict's tensors (no copy when dtype/device already match), or random init.
 
     Entries that are `quant.blocks.BlockInt8` (load_gguf(keep_quantized=True)) become QuantLinear /
-    QuantEmbedding modules that keep the weight compact (CPU, float32 activations)."""
+    QuantEmbedding modules that keep the weight compact (CPU, float32 activations); they are popped
+    from state_dict."""
     if state_dict is None:
         with torch.device(device):
             model = Transformer(config).to(dtype)
@@ -257,8 +258,10 @@ def build_model(config: ModelConfig, state_dict: dict[str, Tensor] | None = None
         return model.eval()
     with torch.device("meta"):
         model = Transformer(config)
+    # The BlockInt8 entries move out of the caller's dict into the modules (so that fusing q/k/v below
+    # frees the parts instead of holding two copies); dense entries are left where they are.
+    held = quantize_model(model, state_dict)
     state_dict = dict(state_dict)
-    held = quantize_model(model, state_dict)  # pops the BlockInt8 entries
     tensors = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     missing = [k for k in missing if k not in held]

@@ -86,6 +86,12 @@ def make_plan(model: str, quant: str | None = None, context: int | None = None, 
         raise ConfigError(f"gpu-mem must be > 0 GB, got {gpu_mem_gb}")
     device = device or ("cuda" if gpu_mem_gb else "cpu")
     path = Path(model).expanduser()
+    from .weights.packaged import PACKAGED_MODELS
+
+    if model.lower() in PACKAGED_MODELS:  # a packaged name: its .gguf (pulled on first use)
+        from .weights.resolve import resolve_model
+
+        path = resolve_model(model)
     weights_bytes = None
     if path.suffix == ".gguf" or path.is_file():
         if not path.is_file():

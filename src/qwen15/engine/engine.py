@@ -69,6 +69,22 @@ class _Run:
 QUANT_MODES = ("gguf", "gguf-f32", "none")
 
 
+def _release_large_frees() -> None:
+    """Ask glibc to serve allocations over 256 KiB by mmap, so that freeing one returns it to the system.
+
+    Loading converts, fuses and frees hundreds of weight-sized arrays; under glibc's default (a threshold
+    that grows up to 32 MiB) those land in the heap, whose holes the next, larger array cannot reuse:
+    the 0.5B's peak RSS was 1.33 GB with it and 1.05 GB without. No-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
                     quant: str = "gguf") -> tuple[ModelConfig, Transformer, Tokenizer]:
     """A resolved local path (a .gguf file or an HF directory) to config, model and tokenizer.
@@ -78,6 +94,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
     dequantizes everything to `dtype` (always the case on CUDA)."""
     if quant not in QUANT_MODES:
         raise GenerationError(f"unknown quant mode {quant!r}: expected one of {', '.join(QUANT_MODES)}")
+    _release_large_frees()
     if path.is_file():
         from ..weights.gguf import load_gguf
 
