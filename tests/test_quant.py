@@ -341,3 +341,54 @@ def test_real_q8_default_keeps_greedy_tokens(real_pair):
     ga = dense.generate("def fibonacci(n):", max_tokens=32, temperature=0.0, ignore_eos=True).token_ids
     gb = compact.generate("def fibonacci(n):", max_tokens=32, temperature=0.0, ignore_eos=True).token_ids
     assert gb == ga
+
+
+# ---- the repack cache -----------------------------------------------------------------------------
+
+_TOKENIZER = {"tokenizer.ggml.model": "gpt2",
+              "tokenizer.ggml.tokens": [chr(ord("a") + i) for i in range(26)] + ["ab"],
+              "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.token_type": [1] * 27}
+
+def test_repack_cache_second_load_reads_the_cache_and_matches(tmp_path, monkeypatch):
+    from qwen15.engine.engine import LLM
+    from qwen15.quant import repack_cache
+
+    monkeypatch.setenv("QWEN15_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, config, random_state_dict(config), Q.Q4_K, metadata=_TOKENIZER)
+    first = LLM.load(path)
+    cached = repack_cache.cache_path(path)
+    assert cached.is_file() and cached.parent == tmp_path / "cache" / "repacked"
+    calls = []
+    import qwen15.weights.gguf as gguf_module
+    monkeypatch.setattr(gguf_module, "load_gguf", lambda *a, **k: calls.append(a) or pytest.fail("decoded again"))
+    second = LLM.load(path)
+    assert not calls
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.inference_mode():
+        assert torch.equal(first.model(ids), second.model(ids))
+    assert isinstance(second.model.model.layers[0].self_attn.qkv_proj, QuantLinear)
+
+
+def test_repack_cache_damaged_file_is_rebuilt_and_can_be_turned_off(tmp_path, monkeypatch):
+    from qwen15.engine.engine import LLM
+    from qwen15.quant import repack_cache
+
+    monkeypatch.setenv("QWEN15_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, config, random_state_dict(config), Q.Q8_0, metadata=_TOKENIZER)
+    reference = LLM.load(path)
+    cached = repack_cache.cache_path(path)
+    cached.write_bytes(cached.read_bytes()[:1000])  # truncated
+    assert repack_cache.load(path) is None and not cached.exists()
+    rebuilt = LLM.load(path)
+    assert cached.is_file()
+    ids = torch.tensor([[3, 1, 4]])
+    with torch.inference_mode():
+        assert torch.equal(reference.model(ids), rebuilt.model(ids))
+    cached.unlink()
+    monkeypatch.setenv("QWEN15_REPACK_CACHE", "0")
+    LLM.load(path)
+    assert not cached.exists() and not list(cached.parent.glob("*.partial"))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .quant.modules import fuse_projections, linear, quantize_model
+from .quant.modules import fuse_state, linear, quantize_model
 
 
 class LayerCache(Protocol):
@@ -260,7 +260,7 @@ def build_model(config: ModelConfig, state_dict: dict[str, Tensor] | None = None
         model = Transformer(config)
     # The BlockInt8 entries move out of the caller's dict into the modules (so that fusing q/k/v below
     # frees the parts instead of holding two copies); dense entries are left where they are.
-    held = quantize_model(model, state_dict)
+    held = quantize_model(model, fuse_state(state_dict))
     state_dict = dict(state_dict)
     tensors = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
@@ -269,6 +269,4 @@ def build_model(config: ModelConfig, state_dict: dict[str, Tensor] | None = None
         from .errors import WeightsError
 
         raise WeightsError(f"state dict does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if held:
-        fuse_projections(model)
     return model.eval()

@@ -17,7 +17,8 @@ import torch
 from ..config import ModelConfig
 from ..errors import GenerationError
 from ..model import Transformer, build_model
-from ..quant.modules import set_activations
+from ..quant import repack_cache
+from ..quant.modules import fuse_state, set_activations
 from ..tokenizer import Tokenizer
 from .kv_cache import KVCache
 from .sampling import Sampler, SamplingParams
@@ -99,7 +100,19 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
         from ..weights.gguf import load_gguf
 
         keep = quant != "none" and str(device) == "cpu" and dtype == torch.float32
-        config, state_dict, metadata = load_gguf(path, dtype=dtype, keep_quantized=keep)
+        cached = repack_cache.load(path) if keep and repack_cache.enabled() else None
+        if cached is not None:  # the block-int8 arrays of an earlier load: skip decoding the file
+            from ..weights.gguf import config_from_gguf, open_gguf
+
+            f = open_gguf(path)
+            metadata = dict(f.metadata)
+            config = config_from_gguf(metadata, {t.name: t.torch_shape for t in f.tensors}, path)
+            state_dict = cached
+        else:
+            config, state_dict, metadata = load_gguf(path, dtype=dtype, keep_quantized=keep)
+            fuse_state(state_dict)  # cached fused, so a warm load builds the model without copying
+            if keep and repack_cache.enabled():
+                repack_cache.save(path, state_dict)
         tokenizer = Tokenizer.from_gguf_metadata(metadata)
     else:
         from ..weights.safetensors import load_safetensors

@@ -82,7 +82,13 @@ def quantize_model(model: nn.Module, state: dict) -> set[str]:
         parent_name, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, attr)
-        if isinstance(old, nn.Embedding):
+        fused = [p for p, f in FUSED if f == attr]
+        if fused and old is None:  # a fused matrix (fuse_state): it replaces its parts' modules
+            has_bias = f"{path}.bias" in state
+            new = QuantLinear(w, nn.Parameter(torch.empty(w.q.shape[0], device="meta")) if has_bias else None)
+            for part in fused[0]:
+                delattr(parent, part)
+        elif isinstance(old, nn.Embedding):
             new = QuantEmbedding(w)
         elif isinstance(old, nn.Linear):
             new = QuantLinear(w, old.bias)
@@ -110,29 +116,30 @@ def concat_rows(parts: list[BlockInt8]) -> BlockInt8:
         block=block)
 
 
-def fuse_projections(model: nn.Module) -> None:
-    """Replace block-int8 q/k/v by one `qkv_proj` and gate/up by one `gate_up_proj` wherever all the
-    parts are block int8: decode then makes 4 kernel calls a layer instead of 7, and the small k/v
-    matrices no longer pay a thread fork/join of their own."""
-    for module in model.modules():
-        names = (("q_proj", "k_proj", "v_proj"), "qkv_proj") if hasattr(module, "qkv_proj") else \
-            (("gate_proj", "up_proj"), "gate_up_proj") if hasattr(module, "gate_up_proj") else (None, None)
-        parts, fused = names
-        if parts is None or not all(isinstance(getattr(module, n, None), QuantLinear) for n in parts):
-            continue
-        linears = [getattr(module, n) for n in parts]
-        biases = [lin.bias for lin in linears]
-        if any(b is not None for b in biases):
-            bias = torch.cat([b.detach() if b is not None else torch.zeros(lin.out_features)
-                              for b, lin in zip(biases, linears)])
-            bias = nn.Parameter(bias, requires_grad=False)
-        else:
-            bias = None
-        new = QuantLinear(concat_rows([lin.blocks for lin in linears]), bias)
-        new.activations = linears[0].activations
-        setattr(module, fused, new)
-        for n in parts:
-            delattr(module, n)
+# Fused matrices: (the parts, the fused name) in a module. Decode then makes 4 kernel calls a layer
+# instead of 7, and the small k/v matrices no longer pay a thread fork/join of their own.
+FUSED = ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj"))
+
+
+def fuse_state(state: dict) -> dict:
+    """Replace block-int8 q/k/v weights (and their biases) by one `qkv_proj` entry, and gate/up by one
+    `gate_up_proj`, wherever all the parts are block int8. Works in place on state and returns it."""
+    for key in [k for k in state if isinstance(state[k], BlockInt8)]:
+        for parts, fused in FUSED:
+            suffix = f".{parts[0]}.weight"
+            if not key.endswith(suffix):
+                continue
+            prefix = key[: -len(suffix)]
+            names = [f"{prefix}.{p}" for p in parts]
+            if not all(isinstance(state.get(f"{n}.weight"), BlockInt8) for n in names):
+                continue
+            weights = [state.pop(f"{n}.weight") for n in names]
+            biases = [state.pop(f"{n}.bias", None) for n in names]
+            state[f"{prefix}.{fused}.weight"] = concat_rows(weights)
+            if any(b is not None for b in biases):
+                state[f"{prefix}.{fused}.bias"] = torch.cat(
+                    [b if b is not None else torch.zeros(w.q.shape[0]) for b, w in zip(biases, weights)])
+    return state
 
 
 def set_activations(model: nn.Module, activations: str) -> None:
