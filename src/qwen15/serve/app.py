@@ -490,9 +490,21 @@ def create_app(llm, config: ServerConfig) -> Starlette:
 
 def serve(llm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
     """Run until SIGINT/SIGTERM; uvicorn then stops accepting, lets in-flight requests finish, and exits."""
+    import contextlib
+    import signal
     import sys
 
     import uvicorn
 
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own re-raises the signal after the graceful shutdown (exit status -15); a drained,
+            # clean shutdown exits 0 instead.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self.handle_exit)
+            yield
+
     sys.setswitchinterval(0.001)  # the engine thread holds the GIL between torch ops: let the event loop in often
-    uvicorn.run(create_app(llm, config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=300)
+    Server(uvicorn.Config(create_app(llm, config), host=host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=300)).run()
