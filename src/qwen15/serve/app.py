@@ -27,7 +27,7 @@ from .batch_engine import BatchEngine, Output, Sequence, TokenLogprob
 from .json_mode import JSONConstraint
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, parse
-from .tools import TOOL_OPEN, forced_prefix, held_back, parse_tool_calls, prepare_messages
+from .tools import TOOL_OPEN, forced_prefix, held_back, parse_tool_calls, prepare_messages, tool_names
 
 
 @dataclass
@@ -197,25 +197,36 @@ def _chat_logprobs(state: _State, lps: list[TokenLogprob]) -> dict:
 
 
 class _ToolStream:
-    """Streams content until a tool call starts; keeps the whole answer to parse calls at the end."""
+    """Streams content until a tool call starts; keeps the whole answer to parse calls at the end.
+
+    An answer that opens with "{" may be a bare call object (see parse_tool_calls): it is held to the end too."""
 
     def __init__(self, prefix: str):
-        self.full = prefix
-        self.in_call = bool(prefix)
-        self.held = ""
+        self.full = prefix  # the whole answer, the forced prefix included
+        self.emitted = len(prefix)  # full[:emitted] was sent as content (or is the forced prefix)
+        self.holding = bool(prefix)  # a call (maybe) started: hold everything to the end
 
     def add(self, text: str) -> str:
         self.full += text
-        if self.in_call:
+        if self.holding:
             return ""
-        self.held += text
-        at = self.held.find(TOOL_OPEN)
+        rest, nothing_sent = self.full[self.emitted:], not self.full[:self.emitted].strip()
+        at = rest.find(TOOL_OPEN)
+        if at < 0 and nothing_sent and rest.lstrip().startswith("{"):
+            at = 0
         if at >= 0:
-            out, self.held, self.in_call = self.held[:at], "", True
-            return out
-        keep = held_back(self.held)
-        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        return out
+            self.holding = True
+            return self._send(rest[:at])
+        if nothing_sent and not rest.strip():
+            return ""  # only whitespace so far: a bare call object may still start
+        return self._send(rest[:len(rest) - held_back(rest)])
+
+    def _send(self, piece: str) -> str:
+        self.emitted += len(piece)
+        return piece
+
+    def unsent(self) -> str:
+        return self.full[self.emitted:]
 
 
 async def chat_completions(request: Request) -> Response:
@@ -229,6 +240,7 @@ async def chat_completions(request: Request) -> Response:
     except Qwen15Error as e:
         raise APIError(400, f"invalid 'messages': {e}", param="messages") from None
     prefix = forced_prefix(req.tool_choice) if tools else ""
+    names = tool_names(tools)
     json_mode = req.response_format is not None and req.response_format.type == "json_object"
     seqs = _sequences(state, req, tokenizer.encode(prompt + prefix),
                       logprobs=(req.top_logprobs or 0) if req.logprobs else None, json_mode=json_mode)
@@ -255,12 +267,12 @@ async def chat_completions(request: Request) -> Response:
             completion[0] += out.completion_tokens
             reason, s = out.finish_reason, streams[i]
             if s:
-                _, calls = parse_tool_calls(s.full)
+                _, calls = parse_tool_calls(s.full, names)
                 if calls:
                     yield chunk(i, {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]})
                     reason = "tool_calls"
-                elif s.held or s.in_call:  # held-back text, or a call that did not parse: send it as text
-                    yield chunk(i, {"content": s.full[s.full.find(TOOL_OPEN):] if s.in_call else s.held})
+                elif s.unsent():  # held-back text, or a call that did not parse: send it as text
+                    yield chunk(i, {"content": s.unsent()})
             yield chunk(i, {}, finish=reason)
 
         async def events():
@@ -287,7 +299,7 @@ async def chat_completions(request: Request) -> Response:
         message = {"role": "assistant", "content": texts[i]}
         reason = out.finish_reason
         if tools:
-            content, calls = parse_tool_calls(prefix + texts[i])
+            content, calls = parse_tool_calls(prefix + texts[i], names)
             if calls:
                 message = {"role": "assistant", "content": content, "tool_calls": calls}
                 reason = "tool_calls"

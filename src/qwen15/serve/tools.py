@@ -13,16 +13,35 @@ _BLOCK = re.compile(re.escape(TOOL_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(TOOL_CL
 def forced_prefix(tool_choice) -> str:
     """Text the answer is made to start with: a tool call for 'required', that tool's call for a named one."""
     if isinstance(tool_choice, dict):
-        return f'{TOOL_OPEN}\n{{"name": {json.dumps(tool_choice["function"]["name"])}, "arguments": '
+        return f'{TOOL_OPEN}\n{{"name": {json.dumps(tool_choice["function"]["name"])}, "arguments": {{'
     if tool_choice == "required":
         return f"{TOOL_OPEN}\n"
     return ""
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
-    """(content outside the tool calls or None, OpenAI tool_calls) from a finished answer."""
+def parse_tool_calls(text: str, tool_names: set[str] | None = None) -> tuple[str | None, list[dict]]:
+    """(content outside the tool calls or None, OpenAI tool_calls) from a finished answer.
+
+    Small models sometimes answer with the bare call object and no <tool_call> tags: a whole answer that is
+    one JSON object naming one of tool_names counts as that call."""
+    bodies = _BLOCK.findall(text)
+    if not bodies and tool_names and text.strip().startswith("{"):
+        try:
+            bare = json.loads(text.strip())
+        except json.JSONDecodeError:
+            bare = None
+        if isinstance(bare, dict) and bare.get("name") in tool_names:
+            return None, _calls([text.strip()])
+    calls = _calls(bodies)
+    if not calls:
+        return text, []
+    content = _BLOCK.sub("", text).strip()
+    return content or None, calls
+
+
+def _calls(bodies: list[str]) -> list[dict]:
     calls = []
-    for body in _BLOCK.findall(text):
+    for body in bodies:
         try:
             call = json.loads(body)
         except json.JSONDecodeError:
@@ -33,10 +52,11 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
         calls.append({"id": f"call_{secrets.token_hex(12)}", "type": "function",
                       "function": {"name": call["name"],
                                    "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}})
-    if not calls:
-        return text, []
-    content = _BLOCK.sub("", text).strip()
-    return content or None, calls
+    return calls
+
+
+def tool_names(tools: list[dict] | None) -> set[str]:
+    return {(t.get("function") or {}).get("name") for t in tools or [] if isinstance(t, dict)} - {None}
 
 
 def prepare_messages(messages: list[dict]) -> list[dict]:
