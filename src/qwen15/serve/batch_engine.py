@@ -251,7 +251,7 @@ class BatchEngine:
             positions[b, :n] = torch.arange(start, end)
             q_pos = torch.arange(start, end)[:, None]
             mask[b, 0, :n, :] = torch.arange(S)[None, :] <= q_pos
-            read[b, :end] = torch.tensor(self.cache.slots(seq.block_table, 0, end))
+            read[b, :end] = self.cache.table_slots(seq.block_table)[:end]
             write_slots += self.cache.slots(seq.block_table, start, end)
             write_index += range(b * T, b * T + n)
         self.cache.plan_step(torch.tensor(write_slots, device=device), torch.tensor(write_index, device=device),

@@ -115,6 +115,11 @@ class PagedKVCache:
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
+    def table_slots(self, block_table: list[int]) -> Tensor:
+        """Pool slots of every position a block table covers, in order: long [len(block_table) * block_size]."""
+        blocks = torch.tensor(block_table, dtype=torch.long)
+        return (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
+
     def plan_step(self, write_slots: Tensor, write_index: Tensor, read_slots: Tensor) -> None:
         """Set where this step's forward writes its new keys/values and what each row reads."""
         self._write_slots, self._write_index, self._read_slots = write_slots, write_index, read_slots
