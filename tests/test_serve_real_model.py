@@ -73,3 +73,21 @@ def test_json_mode_returns_a_json_object(client):
                                        response_format={"type": "json_object"})
     value = json.loads(r.choices[0].message.content)
     assert isinstance(value, dict) and r.choices[0].finish_reason == "stop"
+
+
+def test_echo_logprobs_match_a_full_forward(client, real_gguf_path):
+    """Multiple-choice scoring as evaluation harnesses do it: per-token log-probs of a prompt, no generation."""
+    import torch
+
+    from qwen15 import LLM
+
+    llm = LLM.load(real_gguf_path)
+    prompt = "Question: What is the capital of France?\nA. Berlin\nB. Paris\nC. Rome\nAnswer: B"
+    r = client.completions.create(model="qwen", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    ids = llm.encode_prompt(prompt)
+    with torch.no_grad():
+        ref = torch.log_softmax(llm.model(torch.tensor([ids])).float()[0], dim=-1)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and "".join(lp.tokens) == prompt
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(float(ref[i - 1, ids[i]]), abs=2e-3)
