@@ -225,3 +225,19 @@ def test_json_mode_output_is_a_json_prefix_and_parses_when_finished(client):
     assert text.startswith("{") and JSONScanner().feed(text)
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(text), dict)
+
+
+def test_tool_call_history_renders_through_the_template(client, llm):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}]
+    r = client.chat.completions.create(model="tiny", messages=messages, tools=tools, max_tokens=3, temperature=0)
+    # The server renders what transformers' template would: arguments as an object, then the tool response.
+    from qwen15.serve.tools import prepare_messages
+
+    expected = llm.tokenizer.apply_chat_template(prepare_messages(messages), tools=tools)
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in expected and "<tool_response>" in expected
+    assert r.usage.prompt_tokens == len(llm.tokenizer.encode(expected))
