@@ -241,3 +241,17 @@ def test_tool_call_history_renders_through_the_template(client, llm):
     expected = llm.tokenizer.apply_chat_template(prepare_messages(messages), tools=tools)
     assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in expected and "<tool_response>" in expected
     assert r.usage.prompt_tokens == len(llm.tokenizer.encode(expected))
+
+
+def test_echo_with_generation_scores_prompt_and_new_tokens(client, llm):
+    prompt = "Paris is the capital of"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=0, temperature=0)
+    ids = llm.encode_prompt(prompt)
+    gen = llm.generate(prompt, max_tokens=3)
+    ref = full_logprobs(llm, ids + gen.token_ids)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt + gen.text
+    assert len(lp.tokens) == len(ids) + len(gen.token_ids) and lp.token_logprobs[0] is None
+    for i, token in enumerate(ids + gen.token_ids):
+        if i:
+            assert lp.token_logprobs[i] == pytest.approx(float(ref[i - 1, token]), abs=1e-4)

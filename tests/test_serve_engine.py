@@ -132,3 +132,25 @@ def test_abort_frees_blocks_at_once(llm):
         assert reasons == ["abort"] and engine.cache.blocks.used == 0
     finally:
         engine.stop()
+
+
+def test_block_manager_reuses_cached_blocks_then_evicts_least_recently_freed():
+    from qwen15.serve.paged_cache import BlockManager, OutOfBlocks, block_hashes
+
+    m = BlockManager(num_blocks=3, block_size=2)
+    a_hashes = block_hashes([1, 2, 3, 4], 2)
+    a = [m.allocate(), m.allocate()]
+    for block, h in zip(a, a_hashes):
+        m.register(block, h)
+    m.release(a)
+    assert m.used == 0 and m.available == 3
+    assert m.match_prefix(block_hashes([1, 2, 3, 4, 5, 6], 2)) == a  # both cached blocks, same order
+    assert m.match_prefix(block_hashes([9, 9], 2)) == []
+    m.release(a)
+    # Free blocks go first, then the least recently freed cached one (a[0]); its hash is forgotten.
+    taken = [m.allocate(), m.allocate()]
+    assert a[0] in taken and a[1] not in taken
+    assert m.match_prefix(a_hashes) == []  # the chain starts at the evicted block
+    assert m.match_prefix(a_hashes[1:]) == [a[1]]
+    with pytest.raises(OutOfBlocks):
+        m.allocate()
