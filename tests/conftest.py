@@ -23,3 +23,11 @@ def real_gguf_path():
     from qwen15.weights.packaged import pull
 
     return pull(REAL_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_gguf(tmp_path_factory, real_gguf_path):
+    """A tiny random model with the real Qwen2.5 tokenizer and chat template (tests/serve_fixtures.py)."""
+    from serve_fixtures import write_tiny_chat_gguf
+
+    return write_tiny_chat_gguf(tmp_path_factory.mktemp("tiny") / "tiny-chat.gguf", real_gguf_path)

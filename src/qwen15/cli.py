@@ -1,4 +1,4 @@
-"""The `qwen15` command: presets, pull, generate, chat."""
+"""The `qwen15` command: presets, pull, generate, chat, serve."""
 
 from __future__ import annotations
 
@@ -167,6 +167,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .engine.engine import LLM
+    from .serve.app import ServerConfig, serve
+
+    for name in ("port", "max_batch", "max_queue", "token_budget", "kv_tokens", "block_size"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise GenerationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context,
+                   compile=False, quant=args.quant)
+    name = args.served_model_name or str(args.model or DEFAULT_MODEL).rstrip("/").split("/")[-1].removesuffix(".gguf")
+    config = ServerConfig(model_name=name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                          token_budget=args.token_budget, kv_tokens=args.kv_tokens, block_size=args.block_size)
+    print(f"qwen15 serve: {name} on http://{args.host}:{args.port}/v1 (loaded in {llm.load_s:.1f}s)",
+          file=sys.stderr, flush=True)
+    serve(llm, config, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help=f"packaged name, hub name (Qwen/Qwen1.5-0.5B-Chat), local directory or .gguf file "
@@ -239,6 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt (default: the template's)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("--model", default=None, help=f"model to serve (default: {DEFAULT_MODEL})")
+    p.add_argument("--served-model-name", default=None, help="the id clients send as 'model' (default: from --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--max-batch", type=int, default=16, help="most sequences decoding together")
+    p.add_argument("--max-queue", type=int, default=64, help="most sequences waiting; more are answered 429")
+    p.add_argument("--token-budget", type=int, default=512, help="tokens computed per engine step (decode + prefill)")
+    p.add_argument("--kv-tokens", type=int, default=32768, help="KV cache pool size in tokens")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--context", type=int, default=None, help="context window in tokens (default: the model's)")
+    p.add_argument("--quant", choices=("gguf", "none"), default="gguf")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -41,9 +41,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin tables [T, head_dim] for the given absolute positions (NeoX rotate-half layout)."""
+    """cos/sin tables [..., head_dim] for absolute positions [...] ([T], or [B, T] per row; NeoX rotate-half)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    freqs = positions.float()[..., None] * inv_freq  # [..., D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -93,7 +93,9 @@ class Attention(nn.Module):
         return self.qkv_proj(x).split((self.heads * self.head_dim, kv, kv), dim=-1)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None,
-                start_pos: int | Tensor) -> Tensor:
+                start_pos: int | Tensor, mask: Tensor | None = None) -> Tensor:
+        """mask: an explicit boolean mask (broadcastable to [B, heads, T, S]) for batches of rows at different
+        positions (the serving engine's paged cache); None builds the causal mask from start_pos."""
         B, T, _ = x.shape
         q, k, v = self.project(x)
         q = q.reshape(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -102,7 +104,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start_pos)  # all positions so far: [B, KV, S, D]
-        mask = attention_mask(T, k.shape[2], start_pos, self.window, x.device)
+        if mask is None:
+            mask = attention_mask(T, k.shape[2], start_pos, self.window, x.device)
         # SDPA applies the scale 1/sqrt(head_dim) and runs the softmax in float32 for half inputs.
         out = F.scaled_dot_product_attention(
             q, k, v,
@@ -182,8 +185,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None,
-                start_pos: int | Tensor) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+                start_pos: int | Tensor, mask: Tensor | None = None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -225,18 +228,25 @@ class Transformer(nn.Module):
         return linear(h, self.model.embed_tokens if self.lm_head is None else self.lm_head)
 
     def hidden_states(self, input_ids: Tensor, cache: LayerCache | None = None,
-                      start_pos: int | Tensor = 0) -> Tensor:
-        """Final-normed hidden states [B, T, H] for tokens at positions start_pos .. start_pos+T-1."""
+                      start_pos: int | Tensor = 0, positions: Tensor | None = None,
+                      mask: Tensor | None = None) -> Tensor:
+        """Final-normed hidden states [B, T, H] for tokens at positions start_pos .. start_pos+T-1.
+
+        positions [B, T] and mask [B, 1, T, S] instead place each row at its own positions (batched serving:
+        the cache then knows where each row's keys go and returns S keys per row)."""
         x = self.model.embed_tokens(input_ids)
-        positions = start_pos + torch.arange(input_ids.shape[1], device=input_ids.device)
+        if positions is None:
+            positions = start_pos + torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if cos.dim() == 3:  # per-row positions: [B, T, D] -> [B, 1, T, D] to broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, start_pos)
+            x = layer(x, cos, sin, cache, start_pos, mask)
         return self.model.norm(x)
 
     def forward(self, input_ids: Tensor, cache: LayerCache | None = None, start_pos: int | Tensor = 0,
-                last_only: bool = False) -> Tensor:
-        h = self.hidden_states(input_ids, cache, start_pos)
+                last_only: bool = False, positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        h = self.hidden_states(input_ids, cache, start_pos, positions, mask)
         if last_only:
             h = h[:, -1:]  # generation needs only the next-token logits: skip the rest of the vocab matmul
         return self.head(h)

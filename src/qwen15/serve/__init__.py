@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: `qwen15 serve` (app.py) over a continuously batched, paged-KV engine (batch_engine.py)."""
