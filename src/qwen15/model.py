@@ -12,6 +12,7 @@ the positions not yet written).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -85,6 +86,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
         # Compact (block-int8) weights fuse q/k/v into one matrix: one kernel call reads all three.
         self.qkv_proj: nn.Module | None = None
+        self.rows_as_decode = False  # see rows_as_decode_steps()
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.qkv_proj is None:
@@ -104,13 +106,21 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start_pos)  # all positions so far: [B, KV, S, D]
+        gqa = self.kv_heads != self.heads
+        if self.rows_as_decode and T > 1 and mask is None and isinstance(start_pos, int) and self.window is None:
+            # Each query row attends exactly as a one-token decode step would (one call over all rows
+            # may sum in another order), so speculative verification reproduces plain greedy bit for bit.
+            end = start_pos + 1
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + 1], k[:, :, :end + i], v[:, :, :end + i],
+                                                            enable_gqa=gqa) for i in range(T)], dim=2)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
         if mask is None:
             mask = attention_mask(T, k.shape[2], start_pos, self.window, x.device)
         # SDPA applies the scale 1/sqrt(head_dim) and runs the softmax in float32 for half inputs.
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
-            enable_gqa=self.kv_heads != self.heads,
+            enable_gqa=gqa,
         )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
@@ -250,6 +260,22 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]  # generation needs only the next-token logits: skip the rest of the vocab matmul
         return self.head(h)
+
+
+@contextmanager
+def rows_as_decode_steps(model: "Transformer"):
+    """Within this block, a multi-token forward through a KV cache computes each row's attention as a
+    one-token decode step would. Matmuls, norms and RoPE are already row by row, so the logits equal a
+    token-by-token decode's bit for bit: speculative verification relies on it to keep greedy output
+    identical to the target's alone (near-ties would otherwise flip with summation order)."""
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    for a in attns:
+        a.rows_as_decode = True
+    try:
+        yield model
+    finally:
+        for a in attns:
+            a.rows_as_decode = False
 
 
 def build_model(config: ModelConfig, state_dict: dict[str, Tensor] | None = None,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..model import rows_as_decode_steps
 from .kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -69,14 +70,16 @@ def speculative_tokens(target: "LLM", draft: "LLM", run: "_Run", max_new: int, s
                 return
         # The draft catches up on what it has not seen, then proposes k tokens one by one.
         proposals: list[int] = []
-        dl = forward(draft, dcache, seq[draft_len:], draft_len, True)
+        with rows_as_decode_steps(draft.model):  # as if decoded one by one: a self-draft is always right
+            dl = forward(draft, dcache, seq[draft_len:], draft_len, True)
         draft_len = len(seq)
         for i in range(k):
             proposals.append(int(dl[-1].argmax()))
             if i < k - 1:
                 dl = forward(draft, dcache, proposals[-1:], draft_len + i, True)
         # One target forward over the last token and the k proposals: k+1 next-token predictions.
-        preds = forward(target, tcache, seq[-1:] + proposals, len(seq) - 1, False).argmax(-1).tolist()
+        with rows_as_decode_steps(target.model):
+            preds = forward(target, tcache, seq[-1:] + proposals, len(seq) - 1, False).argmax(-1).tolist()
         accepted = 0
         while accepted < k and proposals[accepted] == preds[accepted]:
             accepted += 1
