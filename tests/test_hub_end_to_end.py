@@ -77,3 +77,25 @@ def test_hub_name_missing_offline_is_one_line_error(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "Qwen/Qwen1.5-7B-Chat" in lines[0] and "local directory" in lines[0]
+
+
+def test_int8_on_load_is_compact_and_close_to_transformers(hub_cache):
+    """--quant int8 on an HF checkpoint: every matrix becomes group-wise int8 (the kernels' layout) and
+    the logits stay close to transformers' on the dense weights."""
+    from qwen15 import LLM
+    from qwen15.quant.modules import QuantEmbedding, QuantLinear
+
+    _, snapshot, model = hub_cache
+    llm = LLM.load(snapshot, quant="int8")
+    assert isinstance(llm.model.model.embed_tokens, QuantEmbedding)
+    assert isinstance(llm.model.model.layers[0].self_attn.qkv_proj, QuantLinear)
+    ids = torch.tensor([[9707, 1879, 11, 1246, 525, 498, 30]])
+    with torch.no_grad():
+        ref = model(ids).logits
+        dense = LLM.load(snapshot, quant="none").model(ids)
+        got = llm.model(ids)
+    assert float((dense - ref).abs().max()) < 1e-3  # the dense path is transformers' to fp32 rounding
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
+    assert float((got - ref).abs().max()) > 0 and float(cos) > 0.999
+    with pytest.raises(Exception, match="int8 runs on the CPU"):
+        LLM.load(snapshot, quant="int8", dtype=torch.bfloat16)

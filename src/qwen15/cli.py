@@ -193,9 +193,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--context", type=int, default=None, help="context window in tokens (default: the model's)")
     p.add_argument("--no-compile", action="store_true", help="do not compile the decode step (on by default on CUDA)")
-    p.add_argument("--quant", choices=("gguf", "gguf-f32", "none"), default="gguf",
+    p.add_argument("--quant", choices=("gguf", "gguf-f32", "int8", "none"), default="gguf",
                    help="gguf: keep a .gguf file's quantized weights compact on CPU, int8 activations in decode "
-                        "(default); gguf-f32: compact weights, float activations (exact); none: dequantize to fp32")
+                        "(default); gguf-f32: compact weights, float activations (exact); int8: quantize dense weights "
+                        "(HF checkpoints) group-wise on load; none: dequantize to fp32")
     p.add_argument("--max-tokens", type=int, default=None, help="most new tokens (default: 256)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: greedy; chat: 0.7)")
     p.add_argument("--top-k", type=int, default=None)
@@ -236,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--draft", default=None, help="draft model: measure speculative decoding")
-    p.add_argument("--quant", choices=("gguf", "gguf-f32", "none"), default="gguf",
+    p.add_argument("--quant", choices=("gguf", "gguf-f32", "int8", "none"), default="gguf",
                    help="gguf: keep a .gguf file's quantized weights compact on CPU, int8 activations in decode "
-                        "(default); gguf-f32: compact weights, float activations (exact); none: dequantize to fp32")
+                        "(default); gguf-f32: compact weights, float activations (exact); int8: quantize dense weights "
+                        "(HF checkpoints) group-wise on load; none: dequantize to fp32")
     p.add_argument("--draft-tokens", type=int, default=4)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=cmd_bench)

@@ -66,8 +66,9 @@ class _Run:
 # gguf: a GGUF's quantized matrices stay block-int8 and decode rounds activations to int8 per block of 32
 #   (llama.cpp's way; perplexity within 0.5% of the exact path, tested);
 # gguf-f32: the same compact weights with float activations (exact up to summation order);
+# int8: dense checkpoints (HF safetensors, or a GGUF dequantized) quantized on load, group-wise int8;
 # none: every weight dequantized to the model dtype.
-QUANT_MODES = ("gguf", "gguf-f32", "none")
+QUANT_MODES = ("gguf", "gguf-f32", "int8", "none")
 
 
 def _release_large_frees() -> None:
@@ -99,7 +100,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
     if path.is_file():
         from ..weights.gguf import load_gguf
 
-        keep = quant != "none" and str(device) == "cpu" and dtype == torch.float32
+        keep = quant in ("gguf", "gguf-f32") and str(device) == "cpu" and dtype == torch.float32
         cached = repack_cache.load(path) if keep and repack_cache.enabled() else None
         if cached is not None:  # the block-int8 arrays of an earlier load: skip decoding the file
             from ..weights.gguf import config_from_gguf, open_gguf
@@ -120,6 +121,15 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
         config = ModelConfig.from_hf_config(path)
         state_dict = load_safetensors(path, config, dtype=dtype)
         tokenizer = Tokenizer.from_file(path)
+    if quant == "int8":
+        if str(device) != "cpu" or dtype != torch.float32:
+            raise GenerationError(f"--quant int8 runs on the CPU in float32, not on {device} in {dtype}")
+        from ..quant.blocks import quantize_int8
+
+        for name in [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.dim() == 2
+                     and v.shape[1] % 32 == 0]:
+            state_dict[name] = quantize_int8(state_dict.pop(name))
+        fuse_state(state_dict)
     model = build_model(config, state_dict, device=device, dtype=dtype)
     set_activations(model, "f32" if quant == "gguf-f32" else "q8")
     return config, model, tokenizer
