@@ -42,18 +42,21 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin tables [..., head_dim] for absolute positions [...] ([T], or [B, T] per row; NeoX rotate-half)."""
+    """cos/sin tables [..., head_dim] for absolute positions [...] ([T], or [B, T] per row; NeoX rotate-half).
+
+    The sin table carries rotate-half's sign (its first half negated), so apply_rope needs one roll."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # [..., D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = freqs.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, heads, T, D]: the first half of each head is paired with the second half."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """Rotate x [B, heads, T, D]: the first half of each head is paired with the second half.
+
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1]: rolling x by half gives [x2, x1],
+    and the table's sign does the rest (two ops fewer per call than slicing and concatenating)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 def attention_mask(q_len: int, k_len: int, start_pos: int | Tensor, window: int | None, device) -> Tensor | None:
