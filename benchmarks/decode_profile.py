@@ -1,0 +1,83 @@
+"""Where one decode step's time goes: the block-int8 matmul kernels, attention, and the rest (Python,
+norms, RoPE, the KV cache), for the default model at a given context length.
+
+    .venv/bin/python benchmarks/decode_profile.py --threads 2 --context 600 [--quant gguf] [--json]
+
+Prints the mean step time, the share of each part, and the bandwidth the matmuls reach (bytes of
+compact weights read per step / their time), to compare with the machine's memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--context", type=int, default=600, help="tokens already in the cache")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--quant", default="gguf")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import qwen15.quant.modules as modules
+    from qwen15 import LLM
+    from qwen15.engine.kv_cache import KVCache
+
+    llm = LLM.load(args.model, quant=args.quant)
+    model = llm.model
+    cache = KVCache(llm.config, args.context + args.steps + 1)
+    spent = {"matmul": 0.0, "attention": 0.0}
+    weight_bytes = 0
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            spent[key] += time.perf_counter() - t
+            return out
+        return wrapper
+
+    with torch.inference_mode():
+        ids = torch.randint(1000, 20000, (1, args.context))
+        for s in range(0, args.context, 512):
+            model(ids[:, s:s + 512], cache=cache, start_pos=s, last_only=True)
+        modules.matmul = timed(modules.matmul, "matmul")
+        F.scaled_dot_product_attention = timed(F.scaled_dot_product_attention, "attention")
+        for m in model.modules():
+            if isinstance(m, modules.QuantLinear):
+                weight_bytes += m.blocks.nbytes
+        if model.lm_head is None and isinstance(model.model.embed_tokens, modules.QuantEmbedding):
+            weight_bytes += model.model.embed_tokens.blocks.nbytes  # the tied head reads the whole table
+        for k in spent:
+            spent[k] = 0.0
+        start = time.perf_counter()
+        for i in range(args.steps):
+            model(torch.tensor([[1000 + i]]), cache=cache, start_pos=args.context + i, last_only=True)
+        step = (time.perf_counter() - start) / args.steps
+    parts = {k: v / args.steps for k, v in spent.items()}
+    parts["other"] = step - sum(parts.values())
+    row = {"threads": args.threads, "context": args.context, "quant": args.quant,
+           "step_ms": round(step * 1e3, 2), "tok_s": round(1 / step, 1),
+           **{f"{k}_ms": round(v * 1e3, 2) for k, v in parts.items()},
+           "matmul_weight_mb": round(weight_bytes / 2 ** 20, 1),
+           "matmul_gb_s": round(weight_bytes / parts["matmul"] / 1e9, 1) if parts["matmul"] else None}
+    if args.json:
+        print(json.dumps(row))
+        return
+    print(f"decode step {row['step_ms']} ms ({row['tok_s']} tok/s), {args.threads} threads, {args.context} cached")
+    for k, v in parts.items():
+        print(f"  {k:10s} {v * 1e3:7.2f} ms  {100 * v / step:5.1f}%")
+    print(f"  matmuls read {row['matmul_weight_mb']} MB of compact weights a step: {row['matmul_gb_s']} GB/s")
+
+
+if __name__ == "__main__":
+    main()
