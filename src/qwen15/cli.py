@@ -1,4 +1,4 @@
-"""The `qwen15` command: presets, pull, generate, chat."""
+"""The `qwen15` command: presets, pull, generate, chat, eval."""
 
 from __future__ import annotations
 
@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt (default: the template's)")
     p.set_defaults(func=cmd_chat)
+
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

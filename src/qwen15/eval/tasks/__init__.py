@@ -1,0 +1,20 @@
+"""Task registry: name -> Task class (one module per benchmark)."""
+
+from __future__ import annotations
+
+from ...errors import EvalError
+from .base import Task
+from .gsm8k import GSM8K
+from .hendrycks_math import MATH
+from .humaneval import HumanEval
+from .mbpp import MBPP
+from .mmlu import MMLU
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (MMLU, GSM8K, MATH, HumanEval, MBPP)}
+
+
+def get_task(name: str, **kwargs) -> Task:
+    cls = TASKS.get(name)
+    if cls is None:
+        raise EvalError(f"unknown task {name!r}: expected one of {', '.join(sorted(TASKS))}")
+    return cls(**kwargs)
