@@ -39,7 +39,7 @@ def make_backend(args: argparse.Namespace):
             args.endpoint_model or args.endpoint
     from ..engine.engine import LLM
 
-    llm = LLM.load(args.model, threads=args.threads, context_length=args.context, device=args.device)
+    llm = LLM.load(args.model, threads=args.threads, context_length=args.context, device=args.device, quant=args.quant)
     return EngineBackend(llm), llm.name
 
 
@@ -114,6 +114,8 @@ def add_eval_parser(sub) -> None:
     r.add_argument("--threads", type=int, default=None)
     r.add_argument("--context", type=int, default=None)
     r.add_argument("--device", default="cpu")
+    r.add_argument("--quant", choices=("gguf", "none"), default="gguf",
+                   help="gguf: keep a .gguf file's weights compact (default); none: dequantize (faster prefill)")
     r.add_argument("--out", default=None, help="results folder (default: ~/.cache/qwen15/eval-runs)")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--json", action="store_true", help="last line: one JSON object with the result")

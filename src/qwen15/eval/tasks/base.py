@@ -42,12 +42,9 @@ class Task:
         return {self.metric: sum(float(r["correct"]) for r in records) / n if n else 0.0}
 
     def template_hash(self) -> str:
-        """Hash of the prompt template: the task's source (prompts and exemplars) and the number of shots."""
-        source = "".join(inspect.getsource(c) for c in type(self).__mro__ if c not in (object,)
-                         and c.__module__.startswith("qwen15"))
+        """Hash of the prompt template: the task module's source (prompts, exemplars), shots and chat mode."""
         module = inspect.getmodule(type(self))
-        if module is not None:
-            source += inspect.getsource(module)
+        source = inspect.getsource(module) if module is not None else type(self).__qualname__
         return hashlib.sha256(f"{source}\nshots={self.shots}\nchat={self.chat}".encode()).hexdigest()[:12]
 
 
