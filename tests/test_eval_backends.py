@@ -136,3 +136,14 @@ def test_endpoint_unreachable_is_one_line_error():
     with pytest.raises(BackendError, match="cannot reach the endpoint") as e:
         EndpointBackend("http://127.0.0.1:9", model="m").generate("x", GenParams())
     assert "\n" not in str(e.value)
+
+
+def test_greedy_generation_on_shared_cache_equals_engine_generate(llm):
+    backend = EngineBackend(llm)
+    shots = "Question: 1+1?\nAnswer: 2\n\nQuestion: 2+3?\nAnswer: 5\n\n"
+    prompts = [shots + "Question: 4+4?\nAnswer:", shots + "Question: 7+1?\nAnswer:", "def f(x):", shots + "Q"]
+    for prompt in prompts:  # consecutive prompts share the exemplars: the cache prefix is reused
+        for stop in ([], ["e"]):
+            got = backend.generate(prompt, GenParams(max_tokens=12, stop=stop))
+            expected = llm.generate(prompt, max_tokens=12, temperature=0.0, stop=stop).text
+            assert got == expected

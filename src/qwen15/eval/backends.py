@@ -147,11 +147,53 @@ class EngineBackend(Backend):
             return torch.log_softmax(picked.double(), 0).tolist()
 
     def generate(self, prompt: str | list[dict], params: GenParams) -> str:
-        from ..engine.sampling import SamplingParams
+        if params.temperature > 0:  # sampled: the engine's own loop (seeded sampler)
+            from ..engine.sampling import SamplingParams
 
-        sampling = SamplingParams(temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-                                  max_tokens=params.max_tokens, stop=list(params.stop))
-        return self.llm.generate(prompt, params=sampling).text
+            sampling = SamplingParams(temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                                      max_tokens=params.max_tokens, stop=list(params.stop))
+            return self.llm.generate(prompt, params=sampling).text
+        return self._greedy(self.llm.encode_prompt(prompt), params)
+
+    def _greedy(self, ids: list[int], params: GenParams) -> str:
+        """Greedy decoding on the shared cache, so few-shot prompts reuse their exemplars' keys/values."""
+        import torch
+
+        if not ids:
+            raise BackendError("prompt is empty: expected at least one token")
+        max_new = min(params.max_tokens, self.llm.context_length - len(ids))
+        if max_new <= 0:
+            raise BackendError(f"prompt of {len(ids)} tokens leaves no room in the context window of "
+                               f"{self.llm.context_length}")
+        stop_ids = set(self.tok.eos_token_ids)
+        seq = list(ids)
+        decoder = self.tok.stream_decoder()
+        text = ""
+        with torch.inference_mode():
+            if self._cache is None or self._cache.max_len < len(ids) + max_new:
+                self._cache = None
+                from ..engine.kv_cache import KVCache
+
+                self._cache = KVCache(self.llm.config, max(len(ids) + max_new, min(4096, self.llm.context_length)),
+                                      dtype=self.llm.dtype, device=self.llm.device)
+                self._cached_ids = []
+            hidden, _ = self._hidden_from(seq, len(seq) - 1)
+            logits = self.llm.model.head(hidden[-1:])[0]
+            for _ in range(max_new):
+                token = int(torch.argmax(logits))
+                if token in stop_ids:
+                    break
+                seq.append(token)
+                text += decoder.add(token)
+                if any(s and s in text for s in params.stop):
+                    break
+                self._cached_ids = []
+                logits = self.llm.model(torch.tensor([[token]], device=self.llm.device), cache=self._cache,
+                                        start_pos=len(seq) - 1, last_only=True)[0, -1]
+                self._cached_ids = list(seq)
+            text += decoder.flush()
+        cuts = [i for i in (text.find(s) for s in params.stop if s) if i >= 0]
+        return text[:min(cuts)] if cuts else text
 
 
 def _model_fingerprint(llm) -> str:
