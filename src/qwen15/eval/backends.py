@@ -47,6 +47,9 @@ class Backend:
     def count_tokens(self, text: str) -> int:
         return max(1, len(text) // 4)  # fallback: ~4 characters per token
 
+    def truncate_to_tokens(self, text: str, tokens: int) -> str:
+        return text[:4 * tokens]  # fallback for endpoints without a tokenizer: ~4 characters per token
+
     def letter_logprobs(self, context: str, letters: list[str]) -> list[float]:
         """Qwen's MC protocol: log-softmax restricted to the letter tokens (' A', ' B', ...) after context.
 
@@ -72,6 +75,10 @@ class EngineBackend(Backend):
 
     def count_tokens(self, text: str) -> int:
         return len(self.tok.encode(text))
+
+    def truncate_to_tokens(self, text: str, tokens: int) -> str:
+        # Encode only a generous prefix: tokens rarely span more than 8 characters.
+        return self.tok.decode(self.tok.encode(text[:8 * tokens + 64])[:tokens])
 
     def _pair_ids(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         # lm-eval's split: spaces at the end of the context move to the continuation, each encoded alone.

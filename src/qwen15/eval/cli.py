@@ -47,7 +47,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_task
     from .tasks import get_task
 
-    task = get_task(args.task, shots=args.shots, data_dir=args.data_dir, chat=args.chat)
+    extra = {}
+    if args.task in ("needle", "passkey"):
+        extra = {"lengths": _ints(args.lengths, "--lengths"), "depths": _ints(args.depths, "--depths")}
+    task = get_task(args.task, shots=args.shots, data_dir=args.data_dir, chat=args.chat, **extra)
     gen = task.gen_params()
     if args.max_tokens is not None:
         gen.max_tokens = args.max_tokens
@@ -60,9 +63,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         spread = f" ± {100 * v['std']:.2f}" if result["repeats"] > 1 else ""
         print(f"{args.task} {metric}: {100 * v['mean']:.2f}{spread}  (n={result['n']}, template {result['template_hash']})")
     print(f"samples: {', '.join(result['samples_files'])}", file=sys.stderr)
+    if args.task in ("needle", "passkey"):
+        from pathlib import Path
+
+        from .report import needle_heatmap
+        from .runner import _read_log
+
+        samples = Path(result["samples_files"][0])
+        png = needle_heatmap(list(_read_log(samples).values()), samples.with_suffix(".png"),
+                             title=f"{args.task}: {result['model']}")
+        print(f"heatmap: {png}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        from ..errors import EvalError
+
+        raise EvalError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -109,6 +133,8 @@ def add_eval_parser(sub) -> None:
     r.add_argument("--repeats", type=int, default=1, help="passes with seeds seed..seed+R-1: mean ± std")
     r.add_argument("--chat", action="store_true", help="ask as one user turn of the chat template")
     r.add_argument("--data-dir", default=None, help="folder with data that does not ship on PyPI")
+    r.add_argument("--lengths", default=None, help="needle/passkey: context lengths in tokens (1024,2048,4096,8192)")
+    r.add_argument("--depths", default=None, help="needle/passkey: needle depths in percent (0,25,50,75,100)")
     r.add_argument("--max-tokens", type=int, default=None)
     r.add_argument("--temperature", type=float, default=None)
     r.add_argument("--threads", type=int, default=None)

@@ -58,6 +58,16 @@ def _read_log(path: Path) -> dict[str, dict]:
     return done
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a kill mid-write) so that appended records start on a line of their own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def run_once(task: Task, backend: Backend, docs: list[dict], gen: GenParams, out_dir: Path, *,
              model_name: str = "", progress: bool = True) -> dict:
     """One pass over docs (resuming from the log); the summary, also written to <task>-<key>.json."""
@@ -67,6 +77,7 @@ def run_once(task: Task, backend: Backend, docs: list[dict], gen: GenParams, out
     ids = [str(d["id"]) for d in docs]
     key = run_key(backend, task, gen, ids)
     log_path = out_dir / f"{task.name}-{key}.jsonl"
+    _drop_torn_tail(log_path)
     done = _read_log(log_path)
     todo = [d for d in docs if str(d["id"]) not in done]
     start = time.perf_counter()

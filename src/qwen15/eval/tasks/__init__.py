@@ -9,8 +9,9 @@ from .hendrycks_math import MATH
 from .humaneval import HumanEval
 from .mbpp import MBPP
 from .mmlu import MMLU
+from .needle import Needle, Passkey
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (MMLU, GSM8K, MATH, HumanEval, MBPP)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (MMLU, GSM8K, MATH, HumanEval, MBPP, Needle, Passkey)}
 
 
 def get_task(name: str, **kwargs) -> Task:
