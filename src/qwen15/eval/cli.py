@@ -56,8 +56,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         gen.max_tokens = args.max_tokens
     if args.temperature is not None:
         gen.temperature = args.temperature
+    docs = task.docs()  # a missing dataset is reported before the (slow) model load
     backend, name = make_backend(args)
-    result = run_task(task, backend, limit=args.limit, seed=args.seed, repeats=args.repeats, out_dir=args.out,
+    result = run_task(task, backend, docs=docs, limit=args.limit, seed=args.seed, repeats=args.repeats, out_dir=args.out,
                       model_name=args.name or name, progress=not args.no_progress, gen=gen)
     for metric, v in result["metrics"].items():
         spread = f" ± {100 * v['std']:.2f}" if result["repeats"] > 1 else ""

@@ -103,12 +103,12 @@ def run_once(task: Task, backend: Backend, docs: list[dict], gen: GenParams, out
 
 def run_task(task: Task, backend: Backend, *, limit: int | None = None, seed: int = 1234, repeats: int = 1,
              out_dir: str | Path | None = None, model_name: str = "", progress: bool = True,
-             gen: GenParams | None = None) -> dict:
+             gen: GenParams | None = None, docs: list[dict] | None = None) -> dict:
     """repeats passes with seeds seed, seed+1, ...; the metrics as mean and std over passes."""
     if repeats < 1:
         raise EvalError(f"--repeats must be >= 1, got {repeats}")
     out_dir = Path(out_dir) if out_dir else default_out_dir()
-    docs = select_docs(task.docs(), limit, seed)
+    docs = select_docs(task.docs() if docs is None else docs, limit, seed)
     base = gen or task.gen_params()
     runs = []
     for r in range(repeats):
