@@ -50,12 +50,12 @@ class Backend:
     def truncate_to_tokens(self, text: str, tokens: int) -> str:
         return text[:4 * tokens]  # fallback for endpoints without a tokenizer: ~4 characters per token
 
-    def letter_logprobs(self, context: str, letters: list[str]) -> list[float]:
+    def letter_logprobs(self, context: str, letters: list[str], prefix: str = " ") -> list[float]:
         """Qwen's MC protocol: log-softmax restricted to the letter tokens (' A', ' B', ...) after context.
 
         Normalising loglikelihood(context, ' X') over the letters is the same thing, and works on any backend.
         """
-        lls = self.loglikelihood([(context, f" {letter}") for letter in letters])
+        lls = self.loglikelihood([(context, f"{prefix}{letter}") for letter in letters])
         top = max(lls)
         norm = top + math.log(sum(math.exp(x - top) for x in lls))
         return [x - norm for x in lls]
@@ -139,11 +139,11 @@ class EngineBackend(Backend):
             seqs.append((ctx + cont, len(cont)))
         return [sum(lps) for lps in self.token_logprobs(seqs)]
 
-    def letter_logprobs(self, context: str, letters: list[str]) -> list[float]:
+    def letter_logprobs(self, context: str, letters: list[str], prefix: str = " ") -> list[float]:
         """One forward of the context; log-softmax over the letter tokens at its last position."""
-        ids = [self.tok.encode(f" {letter}") for letter in letters]
+        ids = [self.tok.encode(f"{prefix}{letter}") for letter in letters]
         if any(len(i) != 1 for i in ids) or context.endswith(" "):
-            return super().letter_logprobs(context, letters)  # letters that are not one token each: the long way
+            return super().letter_logprobs(context, letters, prefix)  # letters that are not one token each: the long way
         import torch
 
         ctx = self.tok.encode(context)

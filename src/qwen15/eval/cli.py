@@ -50,6 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     extra = {}
     if args.task in ("needle", "passkey"):
         extra = {"lengths": _ints(args.lengths, "--lengths"), "depths": _ints(args.depths, "--depths")}
+    if args.task in ("mt_bench", "alpaca_eval"):
+        extra = {"judge_url": args.judge_url, "judge_model": args.judge_model, "judge_key": args.judge_key}
     task = get_task(args.task, shots=args.shots, data_dir=args.data_dir, chat=args.chat, **extra)
     gen = task.gen_params()
     if args.max_tokens is not None:
@@ -136,6 +138,9 @@ def add_eval_parser(sub) -> None:
     r.add_argument("--data-dir", default=None, help="folder with data that does not ship on PyPI")
     r.add_argument("--lengths", default=None, help="needle/passkey: context lengths in tokens (1024,2048,4096,8192)")
     r.add_argument("--depths", default=None, help="needle/passkey: needle depths in percent (0,25,50,75,100)")
+    r.add_argument("--judge-url", default=None, help="mt_bench/alpaca_eval: OpenAI-compatible judge endpoint")
+    r.add_argument("--judge-model", default=None, help="judge model name (default: the endpoint's first)")
+    r.add_argument("--judge-key", default=None, help="API key of the judge endpoint")
     r.add_argument("--max-tokens", type=int, default=None)
     r.add_argument("--temperature", type=float, default=None)
     r.add_argument("--threads", type=int, default=None)

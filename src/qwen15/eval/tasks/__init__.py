@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from ...errors import EvalError
+from .arc_challenge import ARCChallenge
 from .base import Task
+from .bbh import BBH
+from .chinese_mc import CEval, CMMLU
 from .gsm8k import GSM8K
+from .hellaswag import HellaSwag
 from .hendrycks_math import MATH
 from .humaneval import HumanEval
+from .judged import AlpacaEval, MTBench
 from .mbpp import MBPP
 from .mmlu import MMLU
 from .needle import Needle, Passkey
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (MMLU, GSM8K, MATH, HumanEval, MBPP, Needle, Passkey)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (MMLU, CEval, CMMLU, GSM8K, MATH, HumanEval, MBPP,
+                                                  BBH, ARCChallenge, HellaSwag, Needle, Passkey,
+                                                  MTBench, AlpacaEval)}
 
 
 def get_task(name: str, **kwargs) -> Task:

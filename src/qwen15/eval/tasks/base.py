@@ -52,10 +52,11 @@ class MultipleChoiceLetters(Task):
     """Qwen's MC protocol: a header, k solved items, the question ending 'Answer:'; softmax over letters."""
 
     letters = "ABCD"
+    letter_prefix = " "  # 'Answer: A': the letter token carries the space
 
     def run_one(self, backend, doc, gen):
         prompt = self.prompt(doc)
-        logprobs = backend.letter_logprobs(prompt, list(self.letters[:len(doc["choices"])]))
+        logprobs = backend.letter_logprobs(prompt, list(self.letters[:len(doc["choices"])]), self.letter_prefix)
         pred = max(range(len(logprobs)), key=logprobs.__getitem__)
         return {"prompt": prompt, "output": {self.letters[i]: round(v, 5) for i, v in enumerate(logprobs)},
                 "extracted": self.letters[pred], "gold": self.letters[doc["gold"]], "correct": pred == doc["gold"]}
