@@ -194,3 +194,60 @@ def test_alpaca_eval_length_controlled_win_rate(tmp_path):
     m = run_task(task, model, out_dir=tmp_path / "runs", progress=False)["metrics"]
     assert m["win_rate"]["mean"] > 0.6
     assert m["lc_win_rate"]["mean"] < m["win_rate"]["mean"] - 0.1  # the length advantage is taken out
+
+
+def test_gpqa_shuffles_options_and_keeps_gold(tmp_path):
+    import csv
+
+    with open(tmp_path / "gpqa_main.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"])
+        for i in range(12):
+            w.writerow([f"q{i}", f"right{i}", f"wrong{i}a", f"wrong{i}b", f"wrong{i}c"])
+    task = get_task("gpqa", data_dir=tmp_path)
+    docs = task.docs()
+    assert len(docs) == 7  # 5 exemplars held out
+    assert all(d["choices"][d["gold"]].startswith("right") for d in docs)
+    assert len({d["gold"] for d in docs}) > 1  # the right answer is not always first
+
+    def letters(context, options):
+        body = context.rsplit("Question: ", 1)[1]
+        right = next(line[0] for line in body.splitlines() if "right" in line)
+        return [0.0 if x == right else -3.0 for x in options]
+
+    result = run_task(task, Scripted(letters=letters), out_dir=tmp_path / "runs", progress=False)
+    assert result["metrics"]["accuracy"]["mean"] == 1.0
+
+
+def test_theoremqa_answer_types(tmp_path):
+    from qwen15.eval.tasks.theoremqa import equivalent, extract
+
+    assert extract("so x = 2. Therefore, the answer is 3.14.") == "3.14"
+    assert equivalent("3.141", 3.14, "float") and not equivalent("3.3", 3.14, "float")
+    assert equivalent("[1, 2, 3]", [1, 2, 3], "list of integer") and not equivalent("[1, 2]", [1, 2, 3], "list of integer")
+    assert equivalent("True", True, "bool") and not equivalent("False", True, "bool")
+    assert equivalent("\\frac{1}{2}", "0.5", "option") is True
+
+
+def test_flores_bleu_and_mgsm_per_language(tmp_path):
+    import sacrebleu
+
+    d = tmp_path / "flores200" / "devtest"
+    d.mkdir(parents=True)
+    (d / "eng_Latn.devtest").write_text("The cat sits on the mat.\nIt is raining today.\n")
+    (d / "fra_Latn.devtest").write_text("Le chat est assis sur le tapis.\nIl pleut aujourd'hui.\n")
+    outputs = {"The cat sits on the mat.": "Le chat est sur le tapis.", "It is raining today.": "Il pleut aujourd'hui."}
+    backend = Scripted(answer=lambda p, g: " " + outputs[p.split("English: ")[1].split("\n")[0]] + "\n")
+    result = run_task(get_task("flores", data_dir=tmp_path), backend, out_dir=tmp_path / "runs", progress=False)
+    expected = sacrebleu.corpus_bleu(["Le chat est sur le tapis.", "Il pleut aujourd'hui."],
+                                     [["Le chat est assis sur le tapis.", "Il pleut aujourd'hui."]]).score / 100
+    assert result["metrics"]["bleu"]["mean"] == pytest.approx(expected) and 0 < expected < 1
+
+    m = tmp_path / "mgsm"
+    m.mkdir()
+    (m / "mgsm_de.tsv").write_text("Wie viel ist 2+2?\t4\nWie viel ist 3+3?\t6\n")
+    (m / "mgsm_zh.tsv").write_text("2+5等于多少？\t7\n")
+    backend = Scripted(answer=lambda p, g: "The answer is 4" if "2+2" in p.rsplit("Question:", 1)[1] else "The answer is 7")
+    metrics = run_task(get_task("mgsm", data_dir=tmp_path), backend, out_dir=tmp_path / "runs", progress=False)["metrics"]
+    assert metrics["accuracy_de"]["mean"] == 0.5 and metrics["accuracy_zh"]["mean"] == 1.0
+    assert metrics["accuracy"]["mean"] == pytest.approx(0.75)  # the mean over languages

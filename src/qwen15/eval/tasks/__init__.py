@@ -7,6 +7,7 @@ from .arc_challenge import ARCChallenge
 from .base import Task
 from .bbh import BBH
 from .chinese_mc import CEval, CMMLU
+from .gpqa import GPQA
 from .gsm8k import GSM8K
 from .hellaswag import HellaSwag
 from .hendrycks_math import MATH
@@ -14,11 +15,13 @@ from .humaneval import HumanEval
 from .judged import AlpacaEval, MTBench
 from .mbpp import MBPP
 from .mmlu import MMLU
+from .multilingual import MGSM, Flores
 from .needle import Needle, Passkey
+from .theoremqa import TheoremQA
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (MMLU, CEval, CMMLU, GSM8K, MATH, HumanEval, MBPP,
                                                   BBH, ARCChallenge, HellaSwag, Needle, Passkey,
-                                                  MTBench, AlpacaEval)}
+                                                  MTBench, AlpacaEval, GPQA, TheoremQA, MGSM, Flores)}
 
 
 def get_task(name: str, **kwargs) -> Task:
