@@ -251,3 +251,39 @@ def test_flores_bleu_and_mgsm_per_language(tmp_path):
     metrics = run_task(get_task("mgsm", data_dir=tmp_path), backend, out_dir=tmp_path / "runs", progress=False)["metrics"]
     assert metrics["accuracy_de"]["mean"] == 0.5 and metrics["accuracy_zh"]["mean"] == 1.0
     assert metrics["accuracy"]["mean"] == pytest.approx(0.75)  # the mean over languages
+
+
+def test_xcopa_xwinograd_belebele_requests(tmp_path):
+    (tmp_path / "xcopa").mkdir()
+    (tmp_path / "xcopa" / "test.it.jsonl").write_text(json.dumps(
+        {"premise": "L'uomo aprì il rubinetto.", "choice1": "Il gabinetto si riempì d'acqua.",
+         "choice2": "L'acqua scorreva dal beccuccio.", "question": "effect", "label": 1}) + "\n")
+    seen = []
+
+    def lls(ctx, cont):
+        seen.append((ctx, cont))
+        return -1.0 if "scorreva" in cont else -5.0
+
+    result = run_task(get_task("xcopa", data_dir=tmp_path), Scripted(lls=lls), out_dir=tmp_path / "r", progress=False)
+    assert result["metrics"]["accuracy_it"]["mean"] == 1.0
+    assert seen[0] == ("L'uomo aprì il rubinetto quindi", " il gabinetto si riempì d'acqua.")
+
+    (tmp_path / "xwinograd").mkdir()
+    (tmp_path / "xwinograd" / "en.jsonl").write_text(json.dumps(
+        {"sentence": "The trophy doesn't fit into the suitcase because the _ is too small.",
+         "option1": "trophy", "option2": "suitcase", "answer": "2"}) + "\n")
+    seen.clear()
+    result = run_task(get_task("xwinograd", data_dir=tmp_path),
+                      Scripted(lls=lambda c, x: seen.append((c, x)) or (-1.0 if c.endswith("suitcase") else -2.0)),
+                      out_dir=tmp_path / "r", progress=False)
+    assert result["metrics"]["accuracy"]["mean"] == 1.0
+    assert seen[0] == ("The trophy doesn't fit into the suitcase because the trophy", " is too small.")
+
+    (tmp_path / "belebele").mkdir()
+    (tmp_path / "belebele" / "fra_Latn.jsonl").write_text(json.dumps(
+        {"flores_passage": "Le chat dort.", "question": "Que fait le chat ?", "mc_answer1": "Il mange",
+         "mc_answer2": "Il dort", "mc_answer3": "Il court", "mc_answer4": "Il chante", "correct_answer_num": "2"}) + "\n")
+    backend = Scripted(letters=lambda c, o: [0.0 if x == "B" else -1.0 for x in o])
+    result = run_task(get_task("belebele", data_dir=tmp_path), backend, out_dir=tmp_path / "r", progress=False)
+    assert result["metrics"]["accuracy_fra_Latn"]["mean"] == 1.0
+    assert backend.asked[0][0] == "P: Le chat dort.\nQ: Que fait le chat ?\nA. Il mange\nB. Il dort\nC. Il court\nD. Il chante\nAnswer:"

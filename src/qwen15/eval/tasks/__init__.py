@@ -15,13 +15,14 @@ from .humaneval import HumanEval
 from .judged import AlpacaEval, MTBench
 from .mbpp import MBPP
 from .mmlu import MMLU
-from .multilingual import MGSM, Flores
+from .multilingual import MGSM, XCOPA, Belebele, Flores, XStoryCloze, XWinograd
 from .needle import Needle, Passkey
 from .theoremqa import TheoremQA
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (MMLU, CEval, CMMLU, GSM8K, MATH, HumanEval, MBPP,
                                                   BBH, ARCChallenge, HellaSwag, Needle, Passkey,
-                                                  MTBench, AlpacaEval, GPQA, TheoremQA, MGSM, Flores)}
+                                                  MTBench, AlpacaEval, GPQA, TheoremQA, MGSM, Flores,
+                                                  Belebele, XCOPA, XStoryCloze, XWinograd)}
 
 
 def get_task(name: str, **kwargs) -> Task:
