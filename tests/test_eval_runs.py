@@ -136,3 +136,15 @@ def test_needle_heatmap_colours(tmp_path):
         return float((abs(row - rgba[:3]).max(axis=1) < 0.03).mean())
 
     assert share(cmap(1.0)) > 0.1 and share(cmap(0.0)) > 0.1  # a green column (1024) and a red one (2048)
+
+
+def test_heatmap_command_from_a_partial_log(tmp_path):
+    import argparse
+
+    from qwen15.eval.cli import cmd_heatmap
+
+    log = tmp_path / "needle-x.jsonl"
+    log.write_text("".join(json.dumps({"id": f"{n}/{d}", "context_tokens": n, "depth": d, "score": 1.0}) + "\n"
+                           for n, d in ((1024, 0), (1024, 50), (2048, 0))) + '{"id": "torn')
+    cmd_heatmap(argparse.Namespace(samples=str(log), output=None, title=None))
+    assert (tmp_path / "needle-x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -103,6 +103,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_heatmap(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .report import needle_heatmap
+    from .runner import _read_log
+
+    samples = Path(args.samples)
+    records = [r for r in _read_log(samples).values() if "depth" in r and "context_tokens" in r]
+    if not records:
+        from ..errors import EvalError
+
+        raise EvalError(f"{samples} holds no needle/passkey samples: expected JSONL lines with depth and context_tokens")
+    print(needle_heatmap(records, args.output or samples.with_suffix(".png"), title=args.title or samples.stem))
+    return 0
+
+
 def add_eval_parser(sub) -> None:
     from .score import SCORABLE
     from .tasks import TASKS
@@ -152,6 +168,12 @@ def add_eval_parser(sub) -> None:
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--json", action="store_true", help="last line: one JSON object with the result")
     r.set_defaults(func=cmd_run)
+
+    h = esub.add_parser("heatmap", help="depth x context-length heatmap PNG from a needle/passkey samples log")
+    h.add_argument("--samples", required=True, help="the run's per-sample JSONL (finished or not)")
+    h.add_argument("--output", default=None, help="PNG path (default: beside the samples)")
+    h.add_argument("--title", default=None)
+    h.set_defaults(func=cmd_heatmap)
 
     t = esub.add_parser("report", help="markdown table of the results in a folder, with Qwen's published numbers")
     t.add_argument("--out", default=None, help="results folder (default: ~/.cache/qwen15/eval-runs)")
