@@ -147,3 +147,14 @@ def test_greedy_generation_on_shared_cache_equals_engine_generate(llm):
             got = backend.generate(prompt, GenParams(max_tokens=12, stop=stop))
             expected = llm.generate(prompt, max_tokens=12, temperature=0.0, stop=stop).text
             assert got == expected
+
+
+def test_long_requests_are_chunked_like_the_engine(llm, monkeypatch):
+    import qwen15.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 7)  # many chunks even for a short text
+    backend = EngineBackend(llm)
+    ctx, cont = "The quick brown fox jumps over the lazy dog. " * 3, " And then it sleeps."
+    got = backend.loglikelihood([(ctx, cont)])[0]
+    c, t = llm.tokenizer.encode(ctx.rstrip(" ")), llm.tokenizer.encode(" " + cont)
+    assert got == pytest.approx(sum(reference_logprobs(llm, c + t)[len(c) - 1:]), abs=1e-3)

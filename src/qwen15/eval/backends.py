@@ -113,10 +113,14 @@ class EngineBackend(Backend):
             start += 1
         start = min(start, need_from, len(ids) - 1)
         self._cached_ids = []  # invalid while the forward writes into the cache
-        hidden = self.llm.model.hidden_states(torch.tensor([ids[start:]], device=self.llm.device),
-                                              cache=self._cache, start_pos=start)[0]
+        from ..engine.engine import PREFILL_CHUNK
+
+        pieces = []  # chunked like the engine's prefill: bounds attention memory on long prompts
+        for pos in range(start, len(ids), PREFILL_CHUNK):
+            chunk = torch.tensor([ids[pos:pos + PREFILL_CHUNK]], device=self.llm.device)
+            pieces.append(self.llm.model.hidden_states(chunk, cache=self._cache, start_pos=pos)[0])
         self._cached_ids = list(ids)
-        return hidden, start
+        return torch.cat(pieces), start
 
     def token_logprobs(self, sequences: list[tuple[list[int], int]]) -> list[list[float]]:
         """For each (ids, n): the log-probabilities of the last n tokens of ids given those before."""
