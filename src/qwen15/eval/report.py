@@ -57,6 +57,8 @@ def markdown_table(results: list[dict], published: bool = True) -> str:
     lines = ["| Model | " + " | ".join(t for t, _ in used) + " |",
              "| :-- | " + " | ".join(":--:" for _ in used) + " |"]
     for name, cells in rows.items():
+        if not any(task in cells for _, task in used):
+            continue  # a published row with none of these benchmarks
         lines.append(f"| {name} | " + " | ".join(cells.get(task, "-") for _, task in used) + " |")
     if notes:
         lines += ["", *[f"- {n}" for n in dict.fromkeys(notes)]]
