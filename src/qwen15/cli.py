@@ -1,4 +1,4 @@
-"""The `qwen15` command: presets, pull, generate, chat, serve."""
+"""The `qwen15` command: presets, pull, generate, chat, bench, plan, serve, eval."""
 
 from __future__ import annotations
 
@@ -274,9 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--context", type=int, default=None, help="context window in tokens (default: the model's)")
-    p.add_argument("--quant", choices=("gguf", "none"), default="gguf")
+    p.add_argument("--quant", choices=("gguf", "gguf-f32", "int8", "none"), default="gguf",
+                   help="weights on CPU: see `qwen15 generate --help`")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.set_defaults(func=cmd_serve)
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

@@ -23,3 +23,7 @@ class PullError(Qwen15Error, RuntimeError):
 
 class GenerationError(Qwen15Error, ValueError):
     """A generation request that cannot be served (prompt too long, bad sampling value, ...)."""
+
+
+class EvalError(Qwen15Error, ValueError):
+    """An evaluation request that cannot run: unknown task, bad option, missing data, bad samples."""
