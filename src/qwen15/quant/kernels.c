@@ -28,6 +28,22 @@
 
 /* ---------------------------------------------------------------- exact kernel, float activations */
 
+/* Plain C, any block size: the vector paths' fallback for shapes they do not take. */
+static inline void scalar_tile(const int8_t *qrow, const float *srow, const float *x, int K, int B, int MT,
+                               float *out) {
+    const int nb = K / B;
+    for (int m = 0; m < MT; m++) {
+        const float *xm = x + (size_t)m * K;
+        float r = 0.f;
+        for (int b = 0; b < nb; b++) {
+            float t = 0.f;
+            for (int j = 0; j < B; j++) t += (float)qrow[b * B + j] * xm[b * B + j];
+            r += srow[b] * t;
+        }
+        out[m] = r;
+    }
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define EXACT_ISA 2
 
@@ -68,15 +84,7 @@ static inline __attribute__((always_inline)) void exact_tile(
             }
         }
     } else {
-        for (int m = 0; m < MT; m++) {
-            float r = 0.f;
-            for (int b = 0; b < nb; b++) {
-                float t = 0.f;
-                for (int j = 0; j < B; j++) t += (float)qrow[b * B + j] * x[(size_t)m * K + b * B + j];
-                r += srow[b] * t;
-            }
-            out[m] = r;
-        }
+        scalar_tile(qrow, srow, x, K, B, MT, out);
         return;
     }
     for (int m = 0; m < MT; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
@@ -100,15 +108,7 @@ static inline __attribute__((always_inline)) void exact_tile(
         const int8_t *qrow, const float *srow, const float *x, int K, int B, int MT, float *out) {
     const int nb = K / B;
     if (B % 16 != 0) {
-        for (int m = 0; m < MT; m++) {
-            float r = 0.f;
-            for (int b = 0; b < nb; b++) {
-                float t = 0.f;
-                for (int j = 0; j < B; j++) t += (float)qrow[b * B + j] * x[(size_t)m * K + b * B + j];
-                r += srow[b] * t;
-            }
-            out[m] = r;
-        }
+        scalar_tile(qrow, srow, x, K, B, MT, out);
         return;
     }
     __m256 acc[TILE];
@@ -133,17 +133,7 @@ static inline __attribute__((always_inline)) void exact_tile(
 
 static inline void exact_tile(const int8_t *qrow, const float *srow, const float *x, int K, int B, int MT,
                               float *out) {
-    const int nb = K / B;
-    for (int m = 0; m < MT; m++) {
-        const float *xm = x + (size_t)m * K;
-        float r = 0.f;
-        for (int b = 0; b < nb; b++) {
-            float t = 0.f;
-            for (int j = 0; j < B; j++) t += (float)qrow[b * B + j] * xm[b * B + j];
-            r += srow[b] * t;
-        }
-        out[m] = r;
-    }
+    scalar_tile(qrow, srow, x, K, B, MT, out);
 }
 #endif
 

@@ -115,19 +115,23 @@ def matmul_torch(x: torch.Tensor, w: BlockInt8) -> torch.Tensor:
     return F.linear(x, dequantize(w))
 
 
-def matmul_native(x: torch.Tensor, w: BlockInt8, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x [M, K] float32 @ W.T with the C kernel (the caller checks the library is there)."""
-    lib = lib or load_library()
+def _call_kernel(kernel, x: torch.Tensor, w: BlockInt8):
+    """Run one of the C matmuls (same signature): returns (y [M, O] float32, the kernel's return value)."""
     x = x.contiguous()
     M, K = x.shape
     O = w.q.shape[0]
     y = torch.empty(M, O, dtype=torch.float32)
     xsum = block_sums(x, w.block).contiguous() if w.offset is not None else None
-    lib.blockint8_matmul(
+    status = kernel(
         x.data_ptr(), xsum.data_ptr() if xsum is not None else None, M, K,
         w.q.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr() if w.offset is not None else None,
         w.block, O, y.data_ptr(), torch.get_num_threads())
-    return y
+    return y, status
+
+
+def matmul_native(x: torch.Tensor, w: BlockInt8, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [M, K] float32 @ W.T with the C kernel (the caller checks the library is there)."""
+    return _call_kernel((lib or load_library()).blockint8_matmul, x, w)[0]
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,18 +163,9 @@ def q8_supported(w: BlockInt8) -> bool:
 
 def matmul_q8_native(x: torch.Tensor, w: BlockInt8, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [M, K] float32 @ W.T with the q8 C kernel (K % 32 == 0, block 16 or 32; the caller checks)."""
-    lib = lib or load_library()
-    x = x.contiguous()
-    M, K = x.shape
-    O = w.q.shape[0]
-    y = torch.empty(M, O, dtype=torch.float32)
-    xsum = block_sums(x, w.block).contiguous() if w.offset is not None else None
-    status = lib.blockint8_matmul_q8(
-        x.data_ptr(), xsum.data_ptr() if xsum is not None else None, M, K,
-        w.q.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr() if w.offset is not None else None,
-        w.block, O, y.data_ptr(), torch.get_num_threads())
+    y, status = _call_kernel((lib or load_library()).blockint8_matmul_q8, x, w)
     if status != 0:
-        raise MemoryError(f"q8 kernel: cannot allocate activation buffers for {M} x {K}")
+        raise MemoryError(f"q8 kernel: cannot allocate activation buffers for {x.shape[0]} x {x.shape[1]}")
     return y
 
 
