@@ -287,3 +287,152 @@ def test_xcopa_xwinograd_belebele_requests(tmp_path):
     result = run_task(get_task("belebele", data_dir=tmp_path), backend, out_dir=tmp_path / "r", progress=False)
     assert result["metrics"]["accuracy_fra_Latn"]["mean"] == 1.0
     assert backend.asked[0][0] == "P: Le chat dort.\nQ: Que fait le chat ?\nA. Il mange\nB. Il dort\nC. Il court\nD. Il chante\nAnswer:"
+
+
+def test_pawsx_lm_eval_requests_and_per_language(tmp_path):
+    d = tmp_path / "pawsx" / "de"
+    d.mkdir(parents=True)
+    (d / "test_2k.tsv").write_text(
+        "id\tsentence1\tsentence2\tlabel\n"
+        "1\tDer Hund bellt .\tDer Hund bellt laut.\t1\n"
+        "2\tSie sagte \"ja\" , dann ging sie;\tSie ging.\t0\n"
+        "3\tOhne zweiten Satz.\t\t1\n", encoding="utf-8")
+    (tmp_path / "pawsx" / "de.jsonl").write_text(json.dumps(  # the TSV wins for de
+        {"id": 9, "sentence1": "ignored", "sentence2": "ignored", "label": 1}) + "\n")
+    (tmp_path / "pawsx" / "en.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": 1, "sentence1": "The cat sat.", "sentence2": "A cat was sitting.", "label": 1},
+        {"id": 2, "sentence1": "It is n't late", "sentence2": "It is early.", "label": 1}]))
+    task = get_task("pawsx", data_dir=tmp_path)
+    docs = task.docs()
+    assert [d["id"] for d in docs] == ["de/0", "de/1", "en/0", "en/1"]  # empty sentence2 skipped, de.jsonl unread
+    assert [d["gold"] for d in docs] == [1, 0, 1, 1]
+    assert docs[0]["requests"] == [("Der Hund bellt, richtig?", " Nein, der Hund bellt laut."),
+                                   ("Der Hund bellt, richtig?", " Ja, der Hund bellt laut.")]
+    # lm-eval's general_detokenize, quirks included (' "' -> '"'); the final ';' goes
+    assert docs[1]["requests"][1] == ('Sie sagte"ja", dann ging sie, richtig?', " Ja, sie ging.")
+    assert docs[3]["requests"][0] == ("It isn't late, right?", " No, it is early.")
+
+    seen = []
+
+    def lls(ctx, cont):  # a model that always says yes
+        seen.append((ctx, cont))
+        return -1.0 if cont.startswith((" Ja,", " Yes,")) else -4.0
+
+    metrics = run_task(task, Scripted(lls=lls), out_dir=tmp_path / "r", progress=False)["metrics"]
+    assert metrics["accuracy_de"]["mean"] == 0.5 and metrics["accuracy_en"]["mean"] == 1.0
+    assert metrics["accuracy"]["mean"] == pytest.approx(0.75)
+    assert len(seen) == 8 and seen[0] == ("Der Hund bellt, richtig?", " Nein, der Hund bellt laut.")
+
+
+def test_pawsx_language_words():
+    from qwen15.eval.tasks.multilingual import PAWSX_WORDS
+
+    assert PAWSX_WORDS["zh"] == ("对吧", "是", "不是") and PAWSX_WORDS["fr"] == ("n'est-ce pas", "Oui", "Non")
+    assert set(PAWSX_WORDS) == {"en", "de", "es", "fr", "ja", "ko", "zh"}
+
+
+def _m3exam_question(text, options, answer, **extra):
+    return {"question_text": text, "options": options, "answer_text": answer, "background_description": [],
+            "need_image": "no", "language": "english", "level": "mid", "subject_category": "social-science",
+            **extra}
+
+
+def test_m3exam_parsing_prompt_and_per_language(tmp_path):
+    (tmp_path / "m3exam" / "chinese").mkdir(parents=True)
+    (tmp_path / "m3exam" / "english-questions-test.json").write_text(json.dumps([
+        _m3exam_question("Which Civil War event occurred first?",
+                         ["(1) battle of Gettysburg", "(2) firing on Fort Sumter", "(3) assassination of Lincoln",
+                          "(4) Emancipation Proclamation"], "2",
+                         background_description=["Read this first.", "Then answer."]),
+        _m3exam_question("What is in the picture?", ["(1) a cat", "(2) a dog"], "1", need_image="yes"),
+        _m3exam_question("Pick the vowel.", ["A. b", "B. c", "C. d", "D. f", "E. e"], "E"),
+        _m3exam_question("How heavy is it?", ["1.5 kg", "2 kg", "3 kg"], "1"),
+    ]))
+    (tmp_path / "m3exam" / "chinese" / "chinese-questions-test.json").write_text(json.dumps([
+        _m3exam_question("哪个是水果？", ["A．石头", "B．苹果", "C．铁"], "B", language="chinese")]), encoding="utf-8")
+    task = get_task("m3exam", data_dir=tmp_path)
+    docs = task.docs()
+    assert [d["id"] for d in docs] == ["english/0", "english/2", "english/3", "chinese/0"]  # need_image skipped
+    assert [d["gold"] for d in docs] == [1, 4, 0, 1]
+    assert docs[0]["choices"][1] == "firing on Fort Sumter" and docs[1]["choices"] == list("bcdfe")
+    assert docs[2]["choices"][0] == "1.5 kg" and docs[3]["choices"] == ["石头", "苹果", "铁"]
+
+    asked = []
+
+    def letters(context, options):  # always 'B'
+        asked.append((context, list(options)))
+        return [0.0 if x == "B" else -3.0 for x in options]
+
+    metrics = run_task(task, Scripted(letters=letters), out_dir=tmp_path / "r", progress=False)["metrics"]
+    assert metrics["accuracy_english"]["mean"] == pytest.approx(1 / 3)
+    assert metrics["accuracy_chinese"]["mean"] == 1.0
+    assert metrics["accuracy"]["mean"] == pytest.approx(2 / 3)
+    assert asked[0][0] == ("Read this first.\nThen answer.\nWhich Civil War event occurred first?\n"
+                           "A. battle of Gettysburg\nB. firing on Fort Sumter\nC. assassination of Lincoln\n"
+                           "D. Emancipation Proclamation\nAnswer:")
+    assert [len(o) for _, o in asked] == [4, 5, 3, 3]  # letters over each question's own options
+
+
+def test_m3exam_shots_from_dev_file(tmp_path):
+    (tmp_path / "m3exam").mkdir()
+    (tmp_path / "m3exam" / "english-questions-test.json").write_text(json.dumps([
+        _m3exam_question("Q test?", ["(1) a", "(2) b"], "1")]))
+    with pytest.raises(Exception, match="english-questions-dev.json"):
+        get_task("m3exam", data_dir=tmp_path, shots=1).docs()
+    (tmp_path / "m3exam" / "english-questions-dev.json").write_text(json.dumps([
+        _m3exam_question("Other level?", ["(1) x", "(2) y"], "1", level="low"),
+        _m3exam_question("Q dev?", ["(1) x", "(2) y"], "2")]))
+    task = get_task("m3exam", data_dir=tmp_path, shots=1)
+    doc = task.docs()[0]
+    assert task.prompt(doc) == "Q dev?\nA. x\nB. y\nAnswer: B\n\nQ test?\nA. a\nB. b\nAnswer:"
+
+
+def test_mmmlu_csv_layouts_prompt_and_per_language(tmp_path):
+    rows = [("What is 2+2?", "3", "4", "5", "6", "B", "elementary_mathematics"),
+            ("Capital of France?", "Paris", "Rome", "Oslo", "Bern", "A", "high_school_geography"),
+            ("What is 3+3?", "6", "7", "8", "9", "A", "elementary_mathematics")]
+    write_csv(tmp_path / "mmmlu" / "mmlu_ZH_CN.csv", ["", "Question", "A", "B", "C", "D", "Answer", "Subject"],
+              [(str(i),) + r for i, r in enumerate(rows)])
+    write_csv(tmp_path / "mmmlu" / "mmlu_DE_DE.csv", ["question", "a", "b", "c", "d", "answer", "subject"],
+              rows[:2])  # no index column, lower-case header
+    write_csv(tmp_path / "mmmlu" / "mmlu_FR_FR.csv", ["0"] + list(rows[0]), [(str(i),) + r for i, r in
+                                                                             enumerate(rows[1:], 1)])  # no header
+    task = get_task("mmmlu", data_dir=tmp_path)
+    assert task.shots == 0
+    docs = task.docs()
+    assert [d["id"] for d in docs] == ["DE_DE/0", "DE_DE/1", "FR_FR/0", "FR_FR/1", "FR_FR/2",
+                                       "ZH_CN/0", "ZH_CN/1", "ZH_CN/2"]
+    assert [d["gold"] for d in docs] == [1, 0, 1, 0, 0, 1, 0, 0]
+    assert docs[0]["choices"] == ["3", "4", "5", "6"] and docs[1]["subject"] == "high_school_geography"
+    assert task.prompt(docs[0]) == ("The following are multiple choice questions (with answers) about elementary "
+                                    "mathematics.\n\nQuestion: What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
+
+    backend = Scripted(letters=lambda c, o: [0.0 if x == "A" else -2.0 for x in o])  # always 'A'
+    metrics = run_task(task, backend, out_dir=tmp_path / "r", progress=False)["metrics"]
+    assert metrics["accuracy_DE_DE"]["mean"] == 0.5
+    assert metrics["accuracy_FR_FR"]["mean"] == pytest.approx(2 / 3)
+    assert metrics["accuracy_ZH_CN"]["mean"] == pytest.approx(2 / 3)
+    assert metrics["accuracy"]["mean"] == pytest.approx((0.5 + 2 / 3 + 2 / 3) / 3)
+    assert all(prefix == " " for _, prefix in backend.asked)
+
+    shot = get_task("mmmlu", data_dir=tmp_path, shots=1)
+    zh = [d for d in shot.docs() if d["lang"] == "ZH_CN"]
+    # the first other row of the same subject: row 2 for row 0, row 0 for row 2
+    assert "Question: What is 3+3?\nA. 6\nB. 7\nC. 8\nD. 9\nAnswer: A\n\nQuestion: What is 2+2?" in shot.prompt(zh[0])
+    assert "Question: What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B\n\nQuestion: What is 3+3?" in shot.prompt(zh[2])
+    with pytest.raises(Exception, match="--shots <= 0"):
+        shot.prompt(zh[1])  # geography has no other question
+
+
+@pytest.mark.parametrize("task,pattern", [("pawsx", "pawsx/*/test_2k.tsv"), ("pawsx", "pawsx/*.jsonl"),
+                                          ("m3exam", "m3exam/*-questions-test.json"),
+                                          ("mmmlu", "mmmlu/mmlu_*.csv")])
+def test_multilingual_missing_data_names_expected_files(tmp_path, task, pattern):
+    import re
+
+    from qwen15.eval.data import EvalDataError
+
+    with pytest.raises(EvalDataError, match=re.escape(pattern)):
+        get_task(task).docs()
+    with pytest.raises(EvalDataError, match="data not found: expected .*" + re.escape(pattern)):
+        get_task(task, data_dir=tmp_path).docs()

@@ -171,13 +171,21 @@ def package_file(package: str, relative: str, what: str) -> Path:
     return path
 
 
-def data_dir_file(data_dir: str | Path | None, pattern: str, what: str, source: str) -> list[Path]:
-    """Files matching pattern under --data-dir (their public format), or EvalDataError naming them."""
+def data_dir_file(data_dir: str | Path | None, pattern: str | tuple[str, ...], what: str, source: str) -> list[Path]:
+    """Files matching pattern under --data-dir (their public format), or EvalDataError naming them.
+
+    pattern may be a tuple of alternative layouts: the files of every one that matches, in pattern order."""
+    patterns = (pattern,) if isinstance(pattern, str) else tuple(pattern)
     if data_dir is None:
-        raise EvalDataError(f"{what} does not ship on PyPI: pass --data-dir holding {pattern} ({source})")
-    hits = sorted(Path(p) for p in glob.glob(str(Path(data_dir) / pattern), recursive=True))
+        raise EvalDataError(f"{what} does not ship on PyPI: pass --data-dir holding {' or '.join(patterns)} "
+                            f"({source})")
+    hits: list[Path] = []
+    for pat in patterns:
+        hits += [p for p in sorted(Path(x) for x in glob.glob(str(Path(data_dir) / pat), recursive=True))
+                 if p not in hits]
     if not hits:
-        raise EvalDataError(f"{what} data not found: expected {Path(data_dir) / pattern} ({source})")
+        raise EvalDataError(f"{what} data not found: expected "
+                            f"{' or '.join(str(Path(data_dir) / pat) for pat in patterns)} ({source})")
     return hits
 
 

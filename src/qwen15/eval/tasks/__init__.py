@@ -15,14 +15,15 @@ from .humaneval import HumanEval
 from .judged import AlpacaEval, MTBench
 from .mbpp import MBPP
 from .mmlu import MMLU
-from .multilingual import MGSM, XCOPA, Belebele, Flores, XStoryCloze, XWinograd
+from .multilingual import M3Exam, MGSM, MMMLU, PAWSX, XCOPA, Belebele, Flores, XStoryCloze, XWinograd
 from .needle import Needle, Passkey
 from .theoremqa import TheoremQA
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (MMLU, CEval, CMMLU, GSM8K, MATH, HumanEval, MBPP,
                                                   BBH, ARCChallenge, HellaSwag, Needle, Passkey,
                                                   MTBench, AlpacaEval, GPQA, TheoremQA, MGSM, Flores,
-                                                  Belebele, XCOPA, XStoryCloze, XWinograd)}
+                                                  Belebele, XCOPA, XStoryCloze, XWinograd, PAWSX, M3Exam,
+                                                  MMMLU)}
 
 
 def get_task(name: str, **kwargs) -> Task:
