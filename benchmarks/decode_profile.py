@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=600, help="tokens already in the cache")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together (a serving batch)")
     ap.add_argument("--quant", default="gguf")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -34,7 +35,8 @@ def main() -> None:
 
     llm = LLM.load(args.model, quant=args.quant)
     model = llm.model
-    cache = KVCache(llm.config, args.context + args.steps + 1)
+    B = args.batch
+    cache = KVCache(llm.config, args.context + args.steps + 1, batch_size=B)
     spent = {"matmul": 0.0, "attention": 0.0}
     weight_bytes = 0
 
@@ -47,7 +49,7 @@ def main() -> None:
         return wrapper
 
     with torch.inference_mode():
-        ids = torch.randint(1000, 20000, (1, args.context))
+        ids = torch.randint(1000, 20000, (B, args.context))
         for s in range(0, args.context, 512):
             model(ids[:, s:s + 512], cache=cache, start_pos=s, last_only=True)
         modules.matmul = timed(modules.matmul, "matmul")
@@ -61,19 +63,20 @@ def main() -> None:
             spent[k] = 0.0
         start = time.perf_counter()
         for i in range(args.steps):
-            model(torch.tensor([[1000 + i]]), cache=cache, start_pos=args.context + i, last_only=True)
+            model(torch.full((B, 1), 1000 + i), cache=cache, start_pos=args.context + i, last_only=True)
         step = (time.perf_counter() - start) / args.steps
     parts = {k: v / args.steps for k, v in spent.items()}
     parts["other"] = step - sum(parts.values())
-    row = {"threads": args.threads, "context": args.context, "quant": args.quant,
-           "step_ms": round(step * 1e3, 2), "tok_s": round(1 / step, 1),
+    row = {"threads": args.threads, "context": args.context, "quant": args.quant, "batch": B,
+           "step_ms": round(step * 1e3, 2), "tok_s": round(B / step, 1),
            **{f"{k}_ms": round(v * 1e3, 2) for k, v in parts.items()},
            "matmul_weight_mb": round(weight_bytes / 2 ** 20, 1),
            "matmul_gb_s": round(weight_bytes / parts["matmul"] / 1e9, 1) if parts["matmul"] else None}
     if args.json:
         print(json.dumps(row))
         return
-    print(f"decode step {row['step_ms']} ms ({row['tok_s']} tok/s), {args.threads} threads, {args.context} cached")
+    print(f"decode step {row['step_ms']} ms ({row['tok_s']} tok/s), batch {B}, {args.threads} threads, "
+          f"{args.context} cached")
     for k, v in parts.items():
         print(f"  {k:10s} {v * 1e3:7.2f} ms  {100 * v / step:5.1f}%")
     print(f"  matmuls read {row['matmul_weight_mb']} MB of compact weights a step: {row['matmul_gb_s']} GB/s")

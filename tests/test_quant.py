@@ -87,6 +87,26 @@ def test_native_kernel_matches_float64(lib, M, K, block, offset):
     assert _rel_err(native.matmul_torch(x, w), ref) < 1e-5  # the PyTorch fallback agrees too
 
 
+@pytest.mark.parametrize("offset", [False, True], ids=["scale", "scale+offset"])
+@pytest.mark.parametrize("panel_rows", [7, 40, 1000], ids=["ragged-panels", "one-panel", "more-than-O"])
+def test_prefill_panels_match_float64(lib, monkeypatch, panel_rows, offset):
+    """Large-M matmuls dequantize W a panel of rows at a time (C) and multiply each with BLAS."""
+    K = 256
+    monkeypatch.setattr(native, "PANEL_BYTES", panel_rows * 4 * K)
+    w = _random_blocks(40, K, 16, offset, seed=panel_rows)
+    x = torch.randn(100, K)
+    ref = x.double() @ dequantize(w).double().T
+    y = native.matmul_panels(x, w)
+    assert y.shape == (100, 40) and y.is_contiguous()
+    assert _rel_err(y, ref) < 1e-5
+    # the C dequantizer gives the same float weights as the PyTorch one (gguf's numbers, tested above)
+    out = torch.empty(40, K)
+    lib.blockint8_dequantize(w.q.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr() if offset else None,
+                             16, 40, K, out.data_ptr(), 2)
+    assert torch.equal(out, dequantize(w))
+    assert native.matmul(x, w).equal(y)  # M > NATIVE_MAX_ROWS goes this way
+
+
 def _q8_reference(x: torch.Tensor, w: BlockInt8) -> torch.Tensor:
     """The q8 kernel's math in float64: activations rounded to int8 per block of 32 (the rounding comes
     from native.quantize_activations, itself checked against the C rounding below)."""

@@ -307,5 +307,25 @@ void blockint8_quantize_rows(const float *x, int M, int K, int8_t *xq, float *dx
     quantize_rows(x, M, K, xq, dx);
 }
 
+/* ---------------------------------------------------------------- dequantize rows, for prefill */
+
+/* Rows of w = q * scale (+ offset) as float32 out [O, K], in one pass (prefill multiplies a panel of
+   these with BLAS while it is still in cache, instead of materializing the whole float matrix). */
+void blockint8_dequantize(const int8_t *q, const float *scale, const float *offset, int B, int O, int K,
+                          float *out, int nthreads) {
+    const int nb = K / B;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int o = 0; o < O; o++) {
+        const int8_t *qrow = q + (size_t)o * K;
+        const float *srow = scale + (size_t)o * nb;
+        const float *orow = offset ? offset + (size_t)o * nb : NULL;
+        float *dst = out + (size_t)o * K;
+        for (int b = 0; b < nb; b++) {
+            const float s = srow[b], m = orow ? orow[b] : 0.f;
+            for (int j = 0; j < B; j++) dst[b * B + j] = (float)qrow[b * B + j] * s + m;
+        }
+    }
+}
+
 int blockint8_exact_isa(void) { return EXACT_ISA; }
 int blockint8_q8_isa(void) { return Q8_ISA; }

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .blocks import BlockInt8, dequantize
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]  # no implicit FMA: C dequantization rounds as PyTorch does
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -82,6 +82,8 @@ def load_library() -> ctypes.CDLL | None:
             lib.blockint8_matmul_q8.restype = I
             lib.blockint8_quantize_rows.argtypes = [P, I, I, P, P]
             lib.blockint8_quantize_rows.restype = None
+            lib.blockint8_dequantize.argtypes = [P, P, P, I, I, I, P, I]
+            lib.blockint8_dequantize.restype = None
             lib.blockint8_exact_isa.restype = I
             lib.blockint8_q8_isa.restype = I
             _lib = lib
@@ -132,6 +134,49 @@ def _call_kernel(kernel, x: torch.Tensor, w: BlockInt8):
 def matmul_native(x: torch.Tensor, w: BlockInt8, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [M, K] float32 @ W.T with the C kernel (the caller checks the library is there)."""
     return _call_kernel((lib or load_library()).blockint8_matmul, x, w)[0]
+
+
+# Prefill dequantizes W into float32 a panel of rows at a time, into one reused buffer, and BLAS
+# multiplies each panel: at most PANEL_BYTES of float weights exist at once (a 7B's gate_up would be
+# 0.5 GB), and reusing the buffer spares the page faults of a fresh allocation per matrix per chunk.
+PANEL_BYTES = 16 << 20
+_panels = threading.local()
+
+
+def _panel_buffer(numel: int) -> torch.Tensor:
+    buf = getattr(_panels, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _panels.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
+def matmul_panels(x: torch.Tensor, w: BlockInt8, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [M, K] float32 @ W.T for large M (prefill): the C code dequantizes panels of W's rows in one pass
+    each and BLAS multiplies them. The same float ops as matmul_torch, with the float copy of W written
+    once per panel instead of in several whole-matrix passes."""
+    lib = lib or load_library()
+    x = x.contiguous()
+    M, K = x.shape
+    O = w.q.shape[0]
+    nb = K // w.block
+    rows = max(1, min(O, PANEL_BYTES // (4 * K)))
+    panel = _panel_buffer(rows * K).view(rows, K)
+    threads = torch.get_num_threads()
+    q, scale = w.q.data_ptr(), w.scale.data_ptr()
+    offset = w.offset.data_ptr() if w.offset is not None else None
+
+    def dequantize_rows(o0: int, n: int) -> torch.Tensor:
+        lib.blockint8_dequantize(q + o0 * K, scale + 4 * o0 * nb, offset + 4 * o0 * nb if offset else None,
+                                 w.block, n, K, panel.data_ptr(), threads)
+        return panel[:n]
+
+    if rows == O:
+        return torch.mm(x, dequantize_rows(0, O).t())
+    yt = torch.empty(O, M, dtype=torch.float32)  # panels of W @ x.T are row slices of this: contiguous
+    for o0 in range(0, O, rows):
+        n = min(rows, O - o0)
+        torch.mm(dequantize_rows(o0, n), x.t(), out=yt[o0:o0 + n])
+    return yt.t().contiguous()
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,4 +238,6 @@ def matmul(x: torch.Tensor, w: BlockInt8, native_max_rows: int | None = None,
             if activations == "q8":
                 return matmul_q8_native(x, w, lib)
             return matmul_native(x, w, lib)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and w.q.is_contiguous() and load_library() is not None:
+        return matmul_panels(x, w)
     return matmul_torch(x.to(torch.float32), w).to(x.dtype)
