@@ -206,6 +206,25 @@ def test_disconnect_mid_stream_cancels_and_frees_blocks(server):
     assert server.metric("qwen15_sequences_finished_total", 'reason="abort"') == aborted + 4
 
 
+def test_disconnect_before_a_non_streaming_answer_cancels_and_frees_blocks(server):
+    import time
+
+    aborted = server.metric("qwen15_sequences_finished_total", 'reason="abort"')
+    body = {"model": "tiny", "prompt": "Count:", "max_tokens": 2000, "ignore_eos": True, "n": 4}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 4 x 2000 tokens are ready
+        httpx.post(server.base_url + "/v1/completions", json=body, headers=server.headers(), timeout=1.0)
+    deadline = time.time() + 20
+    while time.time() < deadline and server.metric("qwen15_kv_blocks_used") > 0:
+        time.sleep(0.05)
+    assert server.metric("qwen15_kv_blocks_used") == 0
+    assert server.metric("qwen15_sequences_finished_total", 'reason="abort"') == aborted + 4
+    assert server.metric("qwen15_requests_total", 'endpoint="/v1/completions",status="499"') >= 1
+    # and the server goes on answering
+    r = httpx.post(server.base_url + "/v1/completions", headers=server.headers(),
+                   json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200
+
+
 def test_metrics_exposition(server, client):
     client.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0)
     text = httpx.get(server.base_url + "/metrics").text

@@ -2,7 +2,9 @@
 
 Handlers validate the request, turn it into engine Sequences (one per choice) and read their outputs from
 an asyncio queue the engine thread feeds. A streaming client that goes away cancels the response task;
-its sequences are aborted in the `finally` and their KV blocks freed at the engine's next step.
+its sequences are aborted in the `finally` and their KV blocks freed at the engine's next step. A client
+of a non-streaming request that hangs up is noticed the same way: `_outputs` also waits on the connection
+and stops when it closes.
 """
 
 from __future__ import annotations
@@ -78,8 +80,22 @@ def token_str(tokenizer, token: int) -> str:
 
 
 # ---- running sequences ------------------------------------------------------------------------------
-async def _outputs(state: _State, seqs: list[Sequence]) -> AsyncIterator[list[tuple[int, Output]]]:
-    """Submit the sequences; yield lists of (choice index, output) as the engine produces them."""
+class _ClientGone(Exception):
+    """The client closed the connection before its (non-streaming) answer was ready."""
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body has been read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _outputs(state: _State, seqs: list[Sequence],
+                   request: Request | None = None) -> AsyncIterator[list[tuple[int, Output]]]:
+    """Submit the sequences; yield lists of (choice index, output) as the engine produces them.
+
+    With request (non-streaming answers, where no write would fail), a client that hangs up raises
+    _ClientGone, and the sequences are aborted like a streaming client's."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -95,9 +111,18 @@ async def _outputs(state: _State, seqs: list[Sequence]) -> AsyncIterator[list[tu
         seq.emit = emitter(i)
         state.engine.submit(seq)
     pending = set(range(len(seqs)))
+    gone = asyncio.ensure_future(_disconnected(request)) if request is not None else None
     try:
         while pending:
-            batch = [await queue.get()]
+            if gone is None:
+                batch = [await queue.get()]
+            else:
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait((get, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    raise _ClientGone()
+                batch = [get.result()]
             while not queue.empty():  # take everything already there: one write per wake-up, not per token
                 batch.append(queue.get_nowait())
             for i, out in batch:
@@ -106,6 +131,8 @@ async def _outputs(state: _State, seqs: list[Sequence]) -> AsyncIterator[list[tu
                     _record_finish(state, seqs[i], out)
             yield batch
     finally:
+        if gone is not None:
+            gone.cancel()
         for i in pending:  # the client went away (or the handler failed): stop generating for it
             state.engine.abort(seqs[i].id)
             state.metrics.finished.labels("abort").inc()
@@ -288,7 +315,7 @@ async def chat_completions(request: Request) -> Response:
 
     texts, lps = [""] * len(seqs), [[] for _ in seqs]
     finals: list[Output | None] = [None] * len(seqs)
-    async for batch in _outputs(state, seqs):
+    async for batch in _outputs(state, seqs, request):
         for i, out in batch:
             texts[i] += out.text
             lps[i] += out.logprobs
@@ -384,7 +411,7 @@ async def completions(request: Request) -> Response:
     texts, lps, gen_ids = [""] * len(seqs), [[] for _ in seqs], [[] for _ in seqs]
     finals: list[Output | None] = [None] * len(seqs)
     prompt_lps: list[list | None] = [None] * len(seqs)
-    async for batch in _outputs(state, seqs):
+    async for batch in _outputs(state, seqs, request):
         for i, out in batch:
             texts[i] += out.text
             lps[i] += out.logprobs
@@ -433,6 +460,10 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return JSONResponse(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                                  code=kind).body(), status_code=exc.status_code)
+
+
+async def _client_gone(request: Request, exc: _ClientGone) -> Response:
+    return Response(status_code=499)  # nginx's "client closed request": nobody reads it, /metrics counts it
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -493,7 +524,8 @@ def create_app(llm, config: ServerConfig) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-    ], exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _server_error},
+    ], exception_handlers={APIError: _api_error, HTTPException: _http_error, _ClientGone: _client_gone,
+                          Exception: _server_error},
         lifespan=lifespan)
     app.state.qwen = state
     app.add_middleware(_Guard, state=state)
