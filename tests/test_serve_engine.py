@@ -79,6 +79,25 @@ def test_prefix_cache_hits_give_identical_output(llm):
     assert second[0][0] == ref.token_ids
 
 
+def test_sequences_arriving_together_compute_a_shared_prefix_once(llm):
+    # Three choices of one prompt (as `n`: 3 makes) plus an unrelated prompt, all submitted at once: the
+    # unrelated one is not held up, and the other two choices reuse the first one's prompt blocks.
+    engine = make_engine(llm, token_budget=16)  # the prompt takes several steps: the others must wait
+    prompt = [{"role": "user", "content": "Tell me about the sea and the mountains. " * 6}]
+    ids = llm.encode_prompt(prompt)
+    full_blocks = (len(ids) - 1) // 16
+    assert full_blocks >= 3
+    try:
+        got = run_all(engine, llm, [prompt, prompt, "def f(x):", prompt], max_tokens=8)
+        assert engine.cache.blocks.hits == 2 * full_blocks
+        assert engine.cache.blocks.used == 0
+    finally:
+        engine.stop()
+    ref = llm.generate(prompt, max_tokens=8).token_ids
+    assert got[0][0] == got[1][0] == got[3][0] == ref
+    assert got[2][0] == llm.generate("def f(x):", max_tokens=8).token_ids
+
+
 def test_small_pool_preempts_and_still_matches(llm):
     # 10 blocks of 8 tokens: four sequences of ~60 tokens cannot all fit, so some are preempted and recomputed.
     engine = make_engine(llm, kv_tokens=80, block_size=8, token_budget=16)

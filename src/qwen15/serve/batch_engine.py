@@ -66,6 +66,7 @@ class Sequence:
     computed: int = 0  # leading tokens whose keys/values are in the cache
     block_table: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)  # chained hashes of the full, computed blocks
+    pending_hashes: frozenset = frozenset()  # hashes of the prompt's full blocks it will compute (admission)
     generated: list[int] = field(default_factory=list)
     prompt_lp: list[TokenLogprob | None] = field(default_factory=list)
     sampler: Sampler | None = None
@@ -177,24 +178,39 @@ class BatchEngine:
                 self._run(group)
 
     def _admit(self) -> None:
-        """Move waiting sequences into the batch while there is room, reusing cached prefix blocks."""
+        """Move waiting sequences into the batch while there is room, reusing cached prefix blocks.
+
+        A sequence whose next uncached prefix block is being computed right now by a running sequence (the
+        `n` choices of one request, or clients sharing a system prompt that arrive together) waits for it,
+        and then reuses the blocks instead of computing the same prefix again; later arrivals go ahead."""
         blocks = self.cache.blocks
-        while self.waiting and len(self.running) < self.max_batch:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.max_batch:
+            seq = self.waiting[i]
             if not seq.block_table and seq.prompt_logprobs is None:
                 # Reuse cached full blocks, but always leave at least one token to compute (its logits).
                 hashes = block_hashes(seq.tokens[:len(seq.tokens) - 1], self.block_size)
+                if self._prefix_in_flight(hashes):
+                    i += 1
+                    continue
                 seq.block_table = blocks.match_prefix(hashes)
                 seq.hashes = hashes[:len(seq.block_table)]
                 seq.computed = len(seq.block_table) * self.block_size
+                seq.pending_hashes = frozenset(hashes[len(seq.block_table):])
             needed = -(-(len(seq.tokens) + 1) // self.block_size) - len(seq.block_table)
             if needed > blocks.available and self.running:
                 break  # wait for running sequences to free blocks
-            self.waiting.popleft()
+            del self.waiting[i]
             if seq.sampler is None:
                 seq.sampler = Sampler(seq.params)
                 seq.text = TextTracker(self.tokenizer, seq.params.stop)
             self.running.append(seq)
+
+    def _prefix_in_flight(self, hashes: list[int]) -> bool:
+        """Is the first of these block hashes that is not cached yet about to be computed by a running sequence?"""
+        cached = self.cache.blocks.cached
+        k = next((k for k, h in enumerate(hashes) if h not in cached), None)
+        return k is not None and any(hashes[k] in s.pending_hashes for s in self.running if s.catching_up > 1)
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, tokens to compute this step): decoding rows first, then prompt chunks, within the budget."""
