@@ -235,6 +235,46 @@ def test_tiny_gguf_compact_model_matches_dequantized(tmp_path, qtype, tied):
         assert float(torch.nn.functional.cosine_similarity(a.flatten(), b8.flatten(), dim=0)) > 0.995
 
 
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K], ids=lambda t: t.name)
+def test_native_layers_match_the_pytorch_layers(tmp_path, monkeypatch, lib, qtype):
+    """All layers in one C call (decode, short forwards) compute what the PyTorch layers do, and rows of
+    one forward equal one-token steps bit for bit (speculative verification relies on it)."""
+    from qwen15.engine.kv_cache import KVCache
+    from qwen15.model import build_model
+    from qwen15.quant import native_layers
+    from qwen15.weights.gguf import load_gguf
+
+    config = tiny_config(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, config, random_state_dict(config), qtype)
+    model = build_model(config, load_gguf(path, keep_quantized=True)[1])
+    assert native_layers.supported(model) and not native_layers.supported(build_model(config, load_gguf(path)[1]))
+    ids = torch.randint(0, config.vocab_size, (1, 12))
+
+    def run(native: bool, activations: str, split: int = 5):
+        monkeypatch.setenv("QWEN15_NATIVE_LAYERS", "1" if native else "0")
+        model._native = None
+        set_activations(model, activations)
+        cache = KVCache(config, 32)
+        with torch.inference_mode():
+            first = model(ids[:, :split], cache=cache, start_pos=0)
+            steps = [model(ids[:, i:i + 1], cache=cache, start_pos=i) for i in range(split, 12)]
+        assert bool(model._native) == native
+        return torch.cat([first, *steps], dim=1), cache
+
+    ref, ref_cache = run(False, "f32")
+    got, got_cache = run(True, "f32")
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert float((got_cache.k - ref_cache.k).abs().max() / ref_cache.k.abs().max()) < 1e-5
+    assert torch.equal(got_cache.k[:, :, :, 12:], ref_cache.k[:, :, :, 12:])  # nothing written past the end
+    together, _ = run(True, "q8", split=12)
+    one_by_one, _ = run(True, "q8", split=1)
+    assert torch.equal(together[:, 1:], one_by_one[:, 1:])
+    with pytest.raises(ValueError, match="KV cache holds 32 positions"):
+        with torch.inference_mode():
+            model(ids[:, :3], cache=KVCache(config, 32), start_pos=30)
+
+
 # ---- the real 0.5B Q4_K_M file -------------------------------------------------------------------
 
 _TEXT = (

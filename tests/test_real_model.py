@@ -34,13 +34,32 @@ def llm(real_gguf_path):
     return LLM.load(real_gguf_path)
 
 
-def hf_greedy(hf_pair, prompt_ids: list[int]) -> list[int]:
+def hf_greedy(hf_pair, prompt_ids: list[int], margins: bool = False):
+    """transformers' greedy tokens (and, with margins, its top-1 minus top-2 logit at each step)."""
     model, tok = hf_pair
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                             eos_token_id=[151645, 151643], pad_token_id=151643)
-    return out[0, ids.shape[1]:].tolist()
+                             eos_token_id=[151645, 151643], pad_token_id=151643, output_scores=True,
+                             return_dict_in_generate=True)
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    if not margins:
+        return tokens
+    top2 = [s[0].float().topk(2).values for s in out.scores]
+    return tokens, [float(t[0] - t[1]) for t in top2]
+
+
+# The default decode path rounds activations to int8 per block of 32 (as llama.cpp does), which moves a
+# logit by up to ~0.15 on these prompts (measured): where the reference's best two tokens are closer than
+# this, either may win. The exact path (--quant gguf-f32) must match everywhere.
+NEAR_TIE = 0.25
+
+
+@pytest.fixture(scope="module")
+def exact_llm(real_gguf_path):
+    from qwen15 import LLM
+
+    return LLM.load(real_gguf_path, quant="gguf-f32")
 
 
 def test_raw_prompt_greedy_matches_transformers(llm, hf_pair):
@@ -55,16 +74,22 @@ def test_raw_prompt_greedy_matches_transformers(llm, hf_pair):
 
 
 @pytest.mark.parametrize("lang", list(CHATS))
-def test_chat_greedy_matches_transformers(llm, hf_pair, lang):
+def test_chat_greedy_matches_transformers(llm, exact_llm, hf_pair, lang):
     tok = hf_pair[1]
     rendered = tok.apply_chat_template(CHATS[lang], tokenize=False, add_generation_prompt=True)
     prompt_ids = tok(rendered).input_ids
     assert llm.encode_prompt(CHATS[lang]) == prompt_ids  # same template, same ids
-    expected = hf_greedy(hf_pair, prompt_ids)
+    expected, margins = hf_greedy(hf_pair, prompt_ids, margins=True)
+    expected = [t for t in expected if t not in (151645, 151643)]
+    # The exact path: equal up to where transformers stopped (an eos before 32 tokens ends both).
+    exact = exact_llm.generate(CHATS[lang], max_tokens=NEW_TOKENS, temperature=0.0)
+    assert exact.token_ids == expected
+    assert len(exact.token_ids) >= min(NEW_TOKENS, len(expected))
+    # The default (int8 activations): equal up to the reference's first near-tie.
     result = llm.generate(CHATS[lang], max_tokens=NEW_TOKENS, temperature=0.0)
-    # Equal up to where transformers stopped (an eos before 32 tokens ends both).
-    assert result.token_ids == [t for t in expected if t not in (151645, 151643)]
-    assert len(result.token_ids) >= min(NEW_TOKENS, len(expected) - 1)
+    n = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(expected))
+    assert n >= 4
+    assert result.token_ids[:n] == expected[:n]
 
 
 @pytest.mark.parametrize("quant", ["gguf-f32", "none"])

@@ -221,6 +221,7 @@ class Transformer(nn.Module):
         self.model = DecoderStack(config)
         # A tied head reads the embedding table; only an untied one has weights of its own.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._native = None  # quant.native_layers.NativeLayers, or False where it does not apply (first use)
 
     @property
     def output_weight(self) -> Tensor:
@@ -252,9 +253,19 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         if cos.dim() == 3:  # per-row positions: [B, T, D] -> [B, 1, T, D] to broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if mask is None and cos.dim() == 2 and self._native_applies(input_ids, cache, start_pos):
+            # Compact weights, one sequence, a few tokens (decode): all layers in one C call.
+            return self.model.norm(self._native.forward(x, cos, sin, cache, start_pos))
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, start_pos, mask)
         return self.model.norm(x)
+
+    def _native_applies(self, input_ids: Tensor, cache, start_pos) -> bool:
+        if self._native is None:
+            from .quant import native_layers
+
+            self._native = native_layers.NativeLayers(self) if native_layers.supported(self) else False
+        return bool(self._native) and not torch.is_grad_enabled() and self._native.applies(input_ids, cache, start_pos)
 
     def forward(self, input_ids: Tensor, cache: LayerCache | None = None, start_pos: int | Tensor = 0,
                 last_only: bool = False, positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:

@@ -329,3 +329,6 @@ void blockint8_dequantize(const int8_t *q, const float *scale, const float *offs
 
 int blockint8_exact_isa(void) { return EXACT_ISA; }
 int blockint8_q8_isa(void) { return Q8_ISA; }
+
+#include <string.h>
+#include "layers.c"

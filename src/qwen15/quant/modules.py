@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import BlockInt8, dequantize
-from .native import matmul
+from .native import kernel_call, matmul
 
 
 class _BlockWeight(nn.Module):
@@ -20,14 +20,22 @@ class _BlockWeight(nn.Module):
         self.register_buffer("q", w.q)
         self.register_buffer("scale", w.scale)
         self.register_buffer("offset", w.offset)  # None is skipped by state_dict()
+        self._call = None  # the bound decode kernel (native.KernelCall), made on first use
 
     @property
     def blocks(self) -> BlockInt8:
         return BlockInt8(self.q, self.scale, self.offset, self.block)
 
     def linear(self, x: Tensor) -> Tensor:
-        """x [..., K] @ W.T: the C kernel for up to 16 rows (decode), dequantize + BLAS for more."""
-        y = matmul(x.reshape(-1, x.shape[-1]), self.blocks, activations=self.activations)
+        """x [..., K] @ W.T: the C kernel for small row counts (decode), dequantize + BLAS for more."""
+        x2 = x.reshape(-1, x.shape[-1])
+        call = self._call
+        if call is None or (call and (call.q is not self.q or call.activations != self.activations)):
+            call = self._call = kernel_call(self.blocks, self.activations) or False
+        if call and x2.shape[0] <= call.max_rows and x2.dtype == torch.float32 and x2.device.type == "cpu":
+            y = call(x2.contiguous())
+        else:
+            y = matmul(x2, self.blocks, activations=self.activations)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 

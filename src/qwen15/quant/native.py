@@ -39,7 +39,8 @@ _tried = False
 def library_path() -> Path:
     from ..weights.packaged import cache_dir
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    sources = b"".join(p.read_bytes() for p in (SOURCE, SOURCE.with_name("layers.c")))  # kernels.c includes layers.c
+    digest = hashlib.sha256(sources + " ".join(FLAGS).encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"blockint8-{digest}.so"
 
 
@@ -84,6 +85,8 @@ def load_library() -> ctypes.CDLL | None:
             lib.blockint8_quantize_rows.restype = None
             lib.blockint8_dequantize.argtypes = [P, P, P, I, I, I, P, I]
             lib.blockint8_dequantize.restype = None
+            lib.qwen_layers_forward.argtypes = [P, I, I, P, P, P, P]
+            lib.qwen_layers_forward.restype = I
             lib.blockint8_exact_isa.restype = I
             lib.blockint8_q8_isa.restype = I
             _lib = lib
@@ -222,6 +225,42 @@ ACTIVATIONS = ("q8", "f32")
 # batches of up to 64 rows (decode batches, speculative verification) are faster in the kernel, which
 # reads each weight once for up to 8 rows and skips dequantizing the whole matrix.
 NATIVE_MAX_ROWS = {"q8": 64, "f32": 32}
+
+
+class KernelCall:
+    """One weight's C matmul with its arguments bound. Decode calls about a hundred of these a token, and
+    the generic `matmul` path's checks and pointer lookups cost as much as a small matrix's kernel."""
+
+    def __init__(self, w: BlockInt8, activations: str, lib: ctypes.CDLL):
+        self.q, self.activations = w.q, activations  # the module rebuilds this when either changes
+        if activations == "q8" and not q8_supported(w):
+            activations = "f32"
+        self.max_rows = NATIVE_MAX_ROWS[activations]
+        self.fn = lib.blockint8_matmul_q8 if activations == "q8" else lib.blockint8_matmul
+        self.O, self.K = w.q.shape
+        self.block = w.block
+        self._keep = (w.q, w.scale, w.offset)  # the pointers below stay valid while these live
+        self.args = (w.q.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr() if w.offset is not None else None,
+                     w.block, self.O)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] float32, contiguous, on the CPU, M <= max_rows."""
+        M = x.shape[0]
+        y = torch.empty(M, self.O, dtype=torch.float32)
+        xsum = block_sums(x, self.block).contiguous() if self.args[2] is not None else None
+        status = self.fn(x.data_ptr(), xsum.data_ptr() if xsum is not None else None, M, self.K, *self.args,
+                         y.data_ptr(), torch.get_num_threads())
+        if status:  # only the q8 kernel returns a status
+            raise MemoryError(f"q8 kernel: cannot allocate activation buffers for {M} x {self.K}")
+        return y
+
+
+def kernel_call(w: BlockInt8, activations: str = "q8") -> KernelCall | None:
+    """The bound C matmul for w, or None where there is none (no library, not on the CPU)."""
+    lib = load_library()
+    if lib is None or w.q.device.type != "cpu" or not w.q.is_contiguous() or not w.scale.is_contiguous():
+        return None
+    return KernelCall(w, activations, lib)
 
 
 def matmul(x: torch.Tensor, w: BlockInt8, native_max_rows: int | None = None,
