@@ -16,7 +16,7 @@ TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.
                   "tokenizer.ggml.bos_token_id", "tokenizer.chat_template")
 
 
-def write_tiny_chat_gguf(path: Path, real_gguf: Path, context: int = 2048, seed: int = 0) -> Path:
+def write_tiny_chat_gguf(path: Path, real_gguf: Path, context: int = 2048, seed: int = 0, qtype=None) -> Path:
     from qwen15.weights.gguf import open_gguf, read_metadata
 
     meta = read_metadata(open_gguf(real_gguf))
@@ -24,7 +24,8 @@ def write_tiny_chat_gguf(path: Path, real_gguf: Path, context: int = 2048, seed:
                          tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, rope_theta=1e6)
     state = random_state_dict(config, seed=seed)
     state["model.embed_tokens.weight"] *= 4  # peaked logits: greedy ties (and fp-order flips) are unlikely
-    write_tiny_gguf(path, config, state, metadata={k: meta[k] for k in TOKENIZER_KEYS if k in meta})
+    kw = {"qtype": qtype} if qtype is not None else {}  # e.g. Q8_0: compact weights, the C kernels and layers
+    write_tiny_gguf(path, config, state, metadata={k: meta[k] for k in TOKENIZER_KEYS if k in meta}, **kw)
     return path
 
 

@@ -13,9 +13,22 @@ PROMPTS = ["def fibonacci(n):", "Hello there, how are you doing today? " * 6,
            [{"role": "user", "content": "用一句话介绍一下北京。"}], "x", "import numpy as np\n" * 3]
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_chat_gguf):
-    return LLM.load(tiny_chat_gguf)
+@pytest.fixture(scope="module", params=["f32", "q8_0"])
+def llm(request, tiny_chat_gguf, tmp_path_factory, real_gguf_path):
+    """The tiny model with float weights (the PyTorch layers over a padded batch), and with Q8_0 weights
+    (compact: steps of up to 64 tokens run through the C layers over the paged pool). The compact one takes
+    exact float activations, so that a prompt prefilled in small chunks (the C layers) and in one chunk of
+    more than 64 tokens (LLM.generate: dequantize + BLAS) agree up to summation order; the int8-activation
+    kernel's rows are checked bit for bit in test_quant.py."""
+    if request.param == "f32":
+        return LLM.load(tiny_chat_gguf)
+    from gguf.constants import GGMLQuantizationType as Q
+    from serve_fixtures import write_tiny_chat_gguf
+
+    path = write_tiny_chat_gguf(tmp_path_factory.mktemp("tiny-q8") / "tiny-q8.gguf", real_gguf_path, qtype=Q.Q8_0)
+    llm = LLM.load(path, quant="gguf-f32")
+    assert BatchEngine(llm.model, llm.tokenizer, context_length=64, kv_tokens=64).native is not None
+    return llm
 
 
 def make_engine(llm, **kw):

@@ -3,13 +3,16 @@
    the KV cache write, attention, SiLU, residuals) is a loop here instead of ~45 PyTorch ops a layer, each
    of which costs more dispatch time than its arithmetic at these sizes.
 
-   Rows are M consecutive tokens at positions start .. start+M-1; every row is computed exactly as if it
-   were alone (the matmul kernels treat rows independently; attention runs row by row over the keys up to
-   its own position), so a verification forward of M rows equals M decode steps bit for bit.
+   Rows are M tokens, each at its own position with its own cache slots: the engine's rows are consecutive
+   tokens of one sequence (slot = position), the server's are the tokens of several sequences in a paged
+   cache (a slot table per row). Every row is computed exactly as if it were alone (the matmul kernels
+   treat rows independently; attention runs row by row over that row's keys), so a verification forward
+   of M rows equals M decode steps bit for bit.
 
    Included by kernels.c (one library). Layout matches model.py: fused qkv rows [q (H*D) | k | v],
-   fused gate_up rows [gate (I) | up (I)], KV cache [KV, max_len, D] per layer, RoPE tables [M, D] with
-   rotate-half's sign folded into sin (x * cos + roll(x, D/2) * sin). */
+   fused gate_up rows [gate (I) | up (I)], RoPE tables [M, D] with rotate-half's sign folded into sin
+   (x * cos + roll(x, D/2) * sin). A key of kv head g in cache slot s is at g * head_stride + s * slot_stride
+   floats from the layer's k_cache (engine: [KV, max_len, D]; server: [slots, KV, D]). */
 
 typedef struct {
     const int8_t *q;
@@ -22,11 +25,12 @@ typedef struct {
     QMat qkv, o, gate_up, down;
     const float *qkv_bias;  /* NULL: none */
     const float *norm1, *norm2;
-    float *k_cache, *v_cache;  /* this layer's [KV, max_len, D] */
+    float *k_cache, *v_cache;  /* this layer's keys and values (strides in QDims) */
 } QLayer;
 
 typedef struct {
-    int layers, hidden, heads, kv_heads, head_dim, inter, max_len, nthreads;
+    int layers, hidden, heads, kv_heads, head_dim, inter, nthreads;
+    long head_stride, slot_stride;
     float eps;
 } QDims;
 
@@ -65,11 +69,14 @@ static void rope(float *v, const float *cos, const float *sin, int D) {
     for (int i = 0; i < D; i++) v[i] = tmp[i];
 }
 
-/* x [M, hidden] is updated in place through every layer. Returns 0, or -1 when memory runs out. */
-int qwen_layers_forward(float *x, int M, int start, const float *cos, const float *sin,
-                        const QLayer *layers, const QDims *d) {
+/* x [M, hidden] is updated in place through every layer. Row m is at position pos[m], writes its key and
+   value to slot write_slot[m] and attends to the n_read[m] slots read_slots[m * s_max ...] (NULL: slots
+   0 .. n_read[m]-1). Returns 0, or -1 when memory runs out. */
+int qwen_layers_forward(float *x, int M, const int *write_slot, const int *read_slots, const int *n_read, int s_max,
+                        const float *cos, const float *sin, const QLayer *layers, const QDims *d) {
     const int H = d->heads, KV = d->kv_heads, D = d->head_dim, Hd = d->hidden, I = d->inter;
-    const int qkv_w = (H + 2 * KV) * D, group = H / KV, S = start + M;
+    const int qkv_w = (H + 2 * KV) * D, group = H / KV, S = s_max;
+    const long hs = d->head_stride, ss = d->slot_stride;
     const float scale = 1.f / sqrtf((float)D);
     float *xn = malloc((size_t)M * (Hd > I ? Hd : I) * sizeof(float));
     float *qkv = malloc((size_t)M * qkv_w * sizeof(float));
@@ -86,25 +93,27 @@ int qwen_layers_forward(float *x, int M, int start, const float *cos, const floa
             float *row = qkv + (size_t)m * qkv_w;
             if (L->qkv_bias) for (int i = 0; i < qkv_w; i++) row[i] += L->qkv_bias[i];
             for (int h = 0; h < H + KV; h++) rope(row + h * D, cos + (size_t)m * D, sin + (size_t)m * D, D);
-            for (int g = 0; g < KV; g++) {  /* this row's key and value go to the cache at its position */
-                const size_t at = ((size_t)g * d->max_len + start + m) * D;
+            for (int g = 0; g < KV; g++) {  /* this row's key and value go to its cache slot */
+                const size_t at = (size_t)g * hs + (size_t)write_slot[m] * ss;
                 memcpy(L->k_cache + at, row + (H + g) * D, D * sizeof(float));
                 memcpy(L->v_cache + at, row + (H + KV + g) * D, D * sizeof(float));
             }
         }
-        /* Attention, row by row: row m sees keys 0 .. start+m (its own position and everything before). */
+        /* Attention, row by row: row m sees its n_read[m] slots (its own position and everything before). */
         for (int m = 0; m < M; m++) {
-            const int n = start + m + 1;
+            const int n = n_read[m];
+            const int *slots = read_slots ? read_slots + (size_t)m * s_max : NULL;
 #pragma omp parallel for num_threads(d->nthreads) schedule(static)
             for (int h = 0; h < H; h++) {
                 const float *qh = qkv + (size_t)m * qkv_w + h * D;
-                const float *kh = L->k_cache + (size_t)(h / group) * d->max_len * D;
-                const float *vh = L->v_cache + (size_t)(h / group) * d->max_len * D;
+                const float *kh = L->k_cache + (size_t)(h / group) * hs;
+                const float *vh = L->v_cache + (size_t)(h / group) * hs;
                 float *sc = scores + (size_t)h * S, *out = att + (size_t)m * H * D + h * D;
                 float mx = -INFINITY;
                 for (int j = 0; j < n; j++) {
+                    const float *kj = kh + (size_t)(slots ? slots[j] : j) * ss;
                     float s = 0.f;
-                    for (int i = 0; i < D; i++) s += qh[i] * kh[(size_t)j * D + i];
+                    for (int i = 0; i < D; i++) s += qh[i] * kj[i];
                     sc[j] = s * scale;
                     mx = sc[j] > mx ? sc[j] : mx;
                 }
@@ -113,8 +122,8 @@ int qwen_layers_forward(float *x, int M, int start, const float *cos, const floa
                 const float inv = 1.f / sum;
                 for (int i = 0; i < D; i++) out[i] = 0.f;
                 for (int j = 0; j < n; j++) {
-                    const float p = sc[j] * inv;
-                    for (int i = 0; i < D; i++) out[i] += p * vh[(size_t)j * D + i];
+                    const float p = sc[j] * inv, *vj = vh + (size_t)(slots ? slots[j] : j) * ss;
+                    for (int i = 0; i < D; i++) out[i] += p * vj[i];
                 }
             }
         }

@@ -85,7 +85,7 @@ def load_library() -> ctypes.CDLL | None:
             lib.blockint8_quantize_rows.restype = None
             lib.blockint8_dequantize.argtypes = [P, P, P, I, I, I, P, I]
             lib.blockint8_dequantize.restype = None
-            lib.qwen_layers_forward.argtypes = [P, I, I, P, P, P, P]
+            lib.qwen_layers_forward.argtypes = [P, I, P, P, P, I, P, P, P, P]
             lib.qwen_layers_forward.restype = I
             lib.blockint8_exact_isa.restype = I
             lib.blockint8_q8_isa.restype = I

@@ -5,8 +5,9 @@ them another ~14 ms, nearly all dispatch overhead. `NativeLayers` hands the laye
 norms and KV cache to C once and then runs all layers for up to MAX_ROWS tokens in one call.
 
 It applies to dense models whose projections are block-int8 (compact GGUF weights, fused q/k/v and
-gate/up), float32 on the CPU, one sequence, the engine's KVCache, and no sliding window; everything else
-keeps the PyTorch path. Each row is computed exactly as a one-token step would be (see layers.c), so
+gate/up), float32 on the CPU, without a sliding window: one sequence over the engine's KVCache (`forward`),
+or the tokens of a serving step over the paged cache (`forward_rows`); everything else keeps the PyTorch
+path. Each row is computed exactly as a one-token step would be (see layers.c), so
 speculative verification still reproduces plain greedy decoding bit for bit. QWEN15_NATIVE_LAYERS=0
 turns it off.
 """
@@ -40,7 +41,8 @@ class QLayer(ctypes.Structure):
 class QDims(ctypes.Structure):
     _fields_ = [("layers", ctypes.c_int), ("hidden", ctypes.c_int), ("heads", ctypes.c_int),
                 ("kv_heads", ctypes.c_int), ("head_dim", ctypes.c_int), ("inter", ctypes.c_int),
-                ("max_len", ctypes.c_int), ("nthreads", ctypes.c_int), ("eps", ctypes.c_float)]
+                ("nthreads", ctypes.c_int), ("head_stride", ctypes.c_long), ("slot_stride", ctypes.c_long),
+                ("eps", ctypes.c_float)]
 
 
 def _qmat(m: QuantLinear) -> QMat:
@@ -90,19 +92,25 @@ class NativeLayers:
         self._layers = None
         self._dims = None
 
-    def _bind(self, cache: KVCache) -> None:
+    def _bind(self, cache) -> None:
+        """Point the C structures at the weights and at this cache: the engine's KVCache [L, 1, KV, max_len, D]
+        or the server's PagedKVCache pool [L, slots, KV, D]."""
         c = self.model.config
+        paged = not isinstance(cache, KVCache)
         layers = (QLayer * c.num_hidden_layers)()
         for i, layer in enumerate(self.model.model.layers):
             a, mlp = layer.self_attn, layer.mlp
             bias = a.qkv_proj.bias
+            k, v = (cache.k[i], cache.v[i]) if paged else (cache.k[i, 0], cache.v[i, 0])
             layers[i] = QLayer(_qmat(a.qkv_proj), _qmat(a.o_proj), _qmat(mlp.gate_up_proj), _qmat(mlp.down_proj),
                                bias.data_ptr() if bias is not None else None,
                                layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                               cache.k[i, 0].data_ptr(), cache.v[i, 0].data_ptr())
+                               k.data_ptr(), v.data_ptr())
+        D, KV = c.head_dim, c.num_key_value_heads
+        head_stride, slot_stride = (D, KV * D) if paged else (cache.max_len * D, D)
         self._layers = layers
-        self._dims = QDims(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-                           c.head_dim, c.intermediate_size, cache.max_len, 1, c.rms_norm_eps)
+        self._dims = QDims(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, KV, D, c.intermediate_size,
+                           1, head_stride, slot_stride, c.rms_norm_eps)
         self._cache_id = (id(cache), cache.k.data_ptr())
         self._activations = self.model.model.layers[0].self_attn.qkv_proj.activations
         self._cache = cache  # keeps the pointers above alive
@@ -113,18 +121,35 @@ class NativeLayers:
                 and cache.k.is_contiguous() and input_ids.device.type == "cpu")
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, start_pos: int) -> Tensor:
-        """x [1, T, hidden] embeddings at positions start_pos.. -> hidden states after the last layer."""
+        """x [1, T, hidden]: embeddings of one sequence's tokens at positions start_pos.. -> after the last layer."""
         T = x.shape[1]
         if start_pos + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions, asked to write up to {start_pos + T}")
+        slots = torch.arange(start_pos, start_pos + T, dtype=torch.int32)
+        return self._run(x, cos, sin, cache, slots, None, slots + 1, start_pos + T)
+
+    def forward_rows(self, x: Tensor, cos: Tensor, sin: Tensor, cache, write_slots: Tensor, read_slots: Tensor,
+                     n_read: Tensor) -> Tensor:
+        """x [N, hidden]: N tokens (of any sequences) of a paged cache; token i writes slot write_slots[i] and
+        attends to read_slots[i, :n_read[i]] (int32). Returns the hidden states after the last layer."""
+        if x.shape[0] > MAX_ROWS:
+            raise ValueError(f"at most {MAX_ROWS} rows a call, got {x.shape[0]}")
+        return self._run(x, cos, sin, cache, write_slots.to(torch.int32).contiguous(),
+                         read_slots.to(torch.int32).contiguous(), n_read.to(torch.int32).contiguous(),
+                         read_slots.shape[1])
+
+    def _run(self, x, cos, sin, cache, write_slots, read_slots, n_read, s_max) -> Tensor:
         activations = self.model.model.layers[0].self_attn.qkv_proj.activations
         if self._cache_id != (id(cache), cache.k.data_ptr()) or self._activations != activations:
             self._bind(cache)
         self._dims.nthreads = torch.get_num_threads()
         x = x.contiguous().clone()  # updated in place by the C code
+        M = x.numel() // x.shape[-1]
         cos, sin = cos.contiguous(), sin.contiguous()
-        status = self.lib.qwen_layers_forward(x.data_ptr(), T, start_pos, cos.data_ptr(), sin.data_ptr(),
-                                              ctypes.byref(self._layers), ctypes.byref(self._dims))
+        status = self.lib.qwen_layers_forward(
+            x.data_ptr(), M, write_slots.data_ptr(), read_slots.data_ptr() if read_slots is not None else None,
+            n_read.data_ptr(), s_max, cos.data_ptr(), sin.data_ptr(), ctypes.byref(self._layers),
+            ctypes.byref(self._dims))
         if status:
-            raise MemoryError(f"native decoder layers: out of memory for {T} rows at position {start_pos}")
+            raise MemoryError(f"native decoder layers: out of memory for {M} rows")
         return x

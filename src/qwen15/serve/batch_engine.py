@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from ..engine.sampling import Sampler, SamplingParams
-from ..model import Transformer
+from ..model import Transformer, rope_cos_sin
+from ..quant import native_layers
 from ..tokenizer import Tokenizer
 from .paged_cache import OutOfBlocks, PagedKVCache, block_hashes
 from .text import TextTracker
@@ -91,6 +92,11 @@ class BatchEngine:
         self.token_budget = max(token_budget, max_batch)  # every decoding row gets its token each step
         num_blocks = max(kv_tokens // block_size, 1)
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=model.dtype, device=model.device)
+        # Compact weights on the CPU: a step of at most native_layers.MAX_ROWS tokens runs all layers in one C
+        # call, each token over its own slots of the pool (no padding, no gathered copy of the keys).
+        self.native = None
+        if model.dtype == torch.float32 and model.device.type == "cpu" and native_layers.supported(model):
+            self.native = native_layers.NativeLayers(model)
         self.block_size = block_size
         self.eos_ids = set(tokenizer.eos_token_ids)
         self._ids = itertools.count(1)
@@ -253,6 +259,37 @@ class BatchEngine:
     def _run(self, rows: list[tuple[Sequence, int]]) -> None:
         """One forward over the rows, then log-probs, sampling and output for each."""
         device = self.model.device
+        if self.native is not None and sum(n for _, n in rows) <= native_layers.MAX_ROWS:
+            flat, offsets = self._forward_native(rows)
+        else:
+            flat, offsets = self._forward_padded(rows)
+
+        # Logits only where needed: each row's last position when it completes its tokens, and every
+        # prompt position of a row that wants prompt log-probs.
+        picks, owners = [], []
+        for b, (seq, n) in enumerate(rows):
+            if self._wants_prompt_logprobs(seq):
+                for t in range(n):
+                    picks.append(offsets[b] + t)
+                    owners.append((b, t))
+            elif seq.computed + n == len(seq.tokens):
+                picks.append(offsets[b] + n - 1)
+                owners.append((b, n - 1))
+        pick = torch.tensor(picks, dtype=torch.long, device=device)
+        logits = self.model.head(flat[pick]).float().cpu() if picks else None
+        where = {owner: i for i, owner in enumerate(owners)}
+
+        for b, (seq, n) in enumerate(rows):
+            if self._wants_prompt_logprobs(seq):
+                self._record_prompt_logprobs(seq, n, logits[[where[(b, t)] for t in range(n)]])
+            seq.computed += n
+            self._register_full_blocks(seq)
+            if seq.computed == len(seq.tokens):
+                self._next_token(seq, logits[where[(b, n - 1)]].unsqueeze(0))
+
+    def _forward_padded(self, rows: list[tuple[Sequence, int]]) -> tuple[Tensor, list[int]]:
+        """The PyTorch layers over rows padded to [B, T]: (hidden states [B * T, H], each row's first index)."""
+        device = self.model.device
         B, T = len(rows), max(n for _, n in rows)
         S = max(seq.computed + n for seq, n in rows)
         ids = torch.zeros(B, T, dtype=torch.long)
@@ -273,29 +310,33 @@ class BatchEngine:
         self.cache.plan_step(torch.tensor(write_slots, device=device), torch.tensor(write_index, device=device),
                              read.to(device))
         hidden = self.model.hidden_states(ids.to(device), self.cache, 0, positions.to(device), mask.to(device))
+        return hidden.reshape(B * T, -1), [b * T for b in range(B)]
 
-        # Logits only where needed: each row's last position when it completes its tokens, and every
-        # prompt position of a row that wants prompt log-probs.
-        picks, owners = [], []
-        for b, (seq, n) in enumerate(rows):
-            if self._wants_prompt_logprobs(seq):
-                for t in range(n):
-                    picks.append(b * T + t)
-                    owners.append((b, t))
-            elif seq.computed + n == len(seq.tokens):
-                picks.append(b * T + n - 1)
-                owners.append((b, n - 1))
-        pick = torch.tensor(picks, dtype=torch.long, device=device)
-        logits = self.model.head(hidden.reshape(B * T, -1)[pick]).float().cpu() if picks else None
-        where = {owner: i for i, owner in enumerate(owners)}
-
-        for b, (seq, n) in enumerate(rows):
-            if self._wants_prompt_logprobs(seq):
-                self._record_prompt_logprobs(seq, n, logits[[where[(b, t)] for t in range(n)]])
-            seq.computed += n
-            self._register_full_blocks(seq)
-            if seq.computed == len(seq.tokens):
-                self._next_token(seq, logits[where[(b, n - 1)]].unsqueeze(0))
+    def _forward_native(self, rows: list[tuple[Sequence, int]]) -> tuple[Tensor, list[int]]:
+        """The C layers over the rows' tokens laid end to end, each token reading its own sequence's slots up to
+        its position: (hidden states [N, H], each row's first index)."""
+        N = sum(n for _, n in rows)
+        S = max(seq.computed + n for seq, n in rows)
+        ids, positions, write, offsets = [], [], [], []
+        read = torch.zeros(N, S, dtype=torch.int32)
+        n_read = torch.empty(N, dtype=torch.int32)
+        i = 0
+        for seq, n in rows:
+            start, end = seq.computed, seq.computed + n
+            offsets.append(i)
+            ids += seq.tokens[start:end]
+            positions += range(start, end)
+            write += self.cache.slots(seq.block_table, start, end)
+            table = self.cache.table_slots(seq.block_table)[:end].to(torch.int32)
+            for t in range(n):
+                read[i + t, :start + t + 1] = table[:start + t + 1]
+                n_read[i + t] = start + t + 1
+            i += n
+        config = self.model.config
+        x = self.model.model.embed_tokens(torch.tensor(ids))
+        cos, sin = rope_cos_sin(torch.tensor(positions), config.head_dim, config.rope_theta, x.dtype)
+        hidden = self.native.forward_rows(x, cos, sin, self.cache, torch.tensor(write, dtype=torch.int32), read, n_read)
+        return self.model.model.norm(hidden), offsets
 
     @staticmethod
     def _wants_prompt_logprobs(seq: Sequence) -> bool:
