@@ -9,6 +9,8 @@ in the batch and blocks in the pool) and leave as soon as they finish or are can
 Rows of one step run as at most two forwards: the one-token decode rows together ([B, 1]), and the
 prefill chunks together ([B, T] padded), each row at its own positions with its own mask over its own
 blocks (see PagedKVCache). Splitting these keeps short decode rows from being padded to a chunk's length.
+With compact weights on the CPU, a step of at most 64 tokens is one call of the C layers instead
+(quant/native_layers.py): the tokens laid end to end, each reading its own sequence's slots of the pool.
 """
 
 from __future__ import annotations
@@ -177,6 +179,9 @@ class BatchEngine:
         if not rows:
             return
         self.steps += 1
+        if self.native is not None and sum(n for _, n in rows) <= native_layers.MAX_ROWS:
+            self._run(rows)  # decode rows and small prompt chunks together: one pass over the weights
+            return
         decode = [(s, n) for s, n in rows if n == 1]
         prefill = [(s, n) for s, n in rows if n > 1]
         for group in (decode, prefill):
