@@ -89,7 +89,8 @@ class FakeOpenAI:
                 if self.path.endswith("/chat/completions"):
                     self._send({"choices": [{"index": 0, "message": {"role": "assistant", "content": fake.reply}}]})
                 elif body.get("echo"):
-                    self._send({"choices": [{"index": 0, "text": body["prompt"], "logprobs": fake.echo(body["prompt"])}]})
+                    self._send({"choices": [{"index": 0, "text": body["prompt"],
+                                             "logprobs": fake.echo(body["prompt"], body.get("logprobs") or 0)}]})
                 else:
                     self._send({"choices": [{"index": 0, "text": fake.reply}]})
 
@@ -97,12 +98,20 @@ class FakeOpenAI:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def echo(self, prompt):
+    def echo(self, prompt, k=0):
+        """OpenAI's legacy echo shape; top_logprobs: the k most likely tokens at each position (as text)."""
         tok = self.llm.tokenizer
         ids = tok.encode(prompt)
         offsets = [len(tok.decode(ids[:i])) for i in range(len(ids))]
+        top = None
+        if k > 1:
+            with torch.no_grad():
+                logp = torch.log_softmax(self.llm.model(torch.tensor([ids])).float()[0], -1)
+            best = [logp[i - 1].topk(k) for i in range(1, len(ids))]
+            top = [None] + [{tok.decode([t]): float(v) for t, v in zip(b.indices.tolist(), b.values.tolist())}
+                            for b in best]
         return {"tokens": [tok.decode([i]) for i in ids], "token_logprobs": [None] + reference_logprobs(self.llm, ids),
-                "text_offset": offsets, "top_logprobs": None}
+                "text_offset": offsets, "top_logprobs": top}
 
 
 @pytest.fixture()
@@ -120,6 +129,21 @@ def test_endpoint_multiple_choice_matches_engine(llm, fake):
     assert endpoint.loglikelihood(PAIRS[:2]) == pytest.approx(engine.loglikelihood(PAIRS[:2]), abs=1e-3)
     path, body = fake.bodies[-1]
     assert path == "/v1/completions" and body["echo"] is True and body["max_tokens"] == 0 and body["logprobs"] == 1
+
+
+def test_endpoint_letters_come_from_one_request_when_they_are_in_the_top_logprobs(llm, fake):
+    engine = EngineBackend(llm)
+    ctx = "Question: Which is a colour?\nA. dog\nB. red\nC. seven\nD. run\nAnswer:"
+    expected = engine.letter_logprobs(ctx, list("ABCD"))
+    endpoint = EndpointBackend(fake.url, model="m")
+    endpoint.top_logprobs = llm.config.vocab_size  # this fake returns any k: every letter is in the top
+    assert endpoint.letter_logprobs(ctx, list("ABCD")) == pytest.approx(expected, abs=1e-3)
+    assert len(fake.bodies) == 1 and fake.bodies[0][1]["prompt"] == ctx + " A"
+    # letters outside the top k: the long way, one request per letter, same numbers
+    fake.bodies.clear()
+    endpoint.top_logprobs = 2
+    assert endpoint.letter_logprobs(ctx, list("ABCD")) == pytest.approx(expected, abs=1e-3)
+    assert len(fake.bodies) == 1 + 4
 
 
 def test_endpoint_generation_applies_stop_strings(fake):

@@ -233,6 +233,8 @@ class EndpointBackend(Backend):
         self.model = model or self._first_model()
         self.fingerprint = f"endpoint:{self.base}:{self.model}"
 
+    top_logprobs = 20  # asked for at once by letter_logprobs (vLLM's and this project's limit)
+
     def _post(self, path: str, body: dict) -> dict:
         return self._request(path, json.dumps(body).encode())
 
@@ -275,6 +277,28 @@ class EndpointBackend(Backend):
                 raise BackendError(f"{self.base}/completions: no logprobs for the continuation {continuation!r}")
             out.append(float(sum(picked)))
         return out
+
+    def letter_logprobs(self, context: str, letters: list[str], prefix: str = " ") -> list[float]:
+        """One echo request for the context and the first letter, reading every letter's log-prob from the
+        top log-probs at that position (servers give up to 20, OpenAI 5); the long way (a request per letter)
+        for letters that are not there. The same numbers as Backend.letter_logprobs, at a quarter of the
+        requests: what makes multiple choice over an endpoint as fast as in process."""
+        conts = [f"{prefix}{letter}" for letter in letters]
+        body = {"model": self.model, "prompt": context + conts[0], "max_tokens": 0, "echo": True,
+                "logprobs": self.top_logprobs, "temperature": 0.0}
+        try:
+            lp = self._post("/completions", body)["choices"][0].get("logprobs") or {}
+        except BackendError:
+            lp = {}  # e.g. a server that allows fewer top log-probs: the long way
+        offsets, tops = lp.get("text_offset") or [], lp.get("top_logprobs") or []
+        at = [i for i, off in enumerate(offsets) if off >= len(context)]
+        top = tops[at[0]] if len(at) == 1 and len(tops) > at[0] and tops[at[0]] else {}
+        if not all(c in top for c in conts):
+            return super().letter_logprobs(context, letters, prefix)
+        lls = [float(top[c]) for c in conts]
+        m = max(lls)
+        norm = m + math.log(sum(math.exp(x - m) for x in lls))
+        return [x - norm for x in lls]
 
     def generate(self, prompt: str | list[dict], params: GenParams) -> str:
         body = {"model": self.model, "max_tokens": params.max_tokens, "temperature": params.temperature,
