@@ -5,6 +5,9 @@ onto this model one to one (MoE experts are stacked into [experts, out, in] tens
 stateless between calls: a KV cache object is passed in, which keeps the engine free to choose its
 own cache layout. The cache only needs `update(layer, k, v, start_pos) -> (keys, values)`.
 
+With compact (block-int8) weights on the CPU, a forward of one sequence of up to 64 tokens through the
+engine's cache runs these same layers as one C call instead (quant/layers.c, the same math in C loops).
+
 start_pos is a Python int (eager: the cache returns just the filled positions) or a one-element tensor
 (static shapes for torch.compile / CUDA graphs: the cache returns its whole length and the mask hides
 the positions not yet written).
