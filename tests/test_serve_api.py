@@ -229,7 +229,7 @@ def test_metrics_exposition(server, client):
     client.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0)
     text = httpx.get(server.base_url + "/metrics").text
     for name in ("qwen15_requests_total", "qwen15_generation_tokens_total", "qwen15_queue_depth",
-                 "qwen15_batch_size", "qwen15_kv_blocks_used", "qwen15_kv_blocks_free",
+                 "qwen15_batch_size", "qwen15_kv_blocks_used", "qwen15_kv_blocks_free", "qwen15_engine_step_seconds",
                  "qwen15_time_to_first_token_seconds_bucket", "qwen15_request_latency_seconds_count"):
         assert name in text
     assert server.metric("qwen15_requests_total", 'endpoint="/v1/completions",status="200"') >= 1

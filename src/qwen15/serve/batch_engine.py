@@ -109,6 +109,7 @@ class BatchEngine:
         self.running: list[Sequence] = []
         self.last_batch_size = 0
         self.steps = 0
+        self.step_seconds = 0.0  # time inside step() (for /metrics: steps / step_seconds is the step rate)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="qwen15-batch-engine", daemon=True)
 
@@ -160,6 +161,7 @@ class BatchEngine:
                 aborts, self._aborts = self._aborts, set()
             for seq in [s for s in itertools.chain(self.waiting, self.running) if s.id in aborts]:
                 self._finish(seq, "abort")
+            t0 = time.perf_counter()
             try:
                 self.step()
             except Exception as e:  # a bug must not hang every client: fail the batch, keep serving
@@ -168,6 +170,7 @@ class BatchEngine:
                 import traceback
 
                 traceback.print_exc()
+            self.step_seconds += time.perf_counter() - t0
         for seq in list(self.waiting) + list(self.running):
             self._finish(seq, "abort")
 

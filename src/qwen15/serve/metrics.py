@@ -22,6 +22,8 @@ class Metrics:
         self.kv_total = Gauge("qwen15_kv_blocks_total", "KV cache blocks in the pool", registry=r)
         self.prefix_hits = Gauge("qwen15_prefix_cache_hit_blocks", "blocks reused from the prefix cache so far", registry=r)
         self.steps = Gauge("qwen15_engine_steps", "engine steps run so far", registry=r)
+        self.step_seconds = Gauge("qwen15_engine_step_seconds", "time spent in engine steps so far (forward, "
+                                  "sampling, output)", registry=r)
         self.ttft = Histogram("qwen15_time_to_first_token_seconds", "request arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("qwen15_request_latency_seconds", "request arrival to last token",
@@ -38,4 +40,5 @@ class Metrics:
         self.kv_total.set(blocks.num_blocks)
         self.prefix_hits.set(blocks.hits)
         self.steps.set(engine.steps)
+        self.step_seconds.set(engine.step_seconds)
         return generate_latest(self.registry)
