@@ -35,6 +35,15 @@ class BenchResult:
 
 
 def peak_rss_mb() -> float:
+    # Linux: VmHWM, the peak of this process image. ru_maxrss survives fork + exec, so a bench started
+    # from a large parent (a test runner holding a model) would report the parent's size.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     # ru_maxrss is in KiB on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
