@@ -1,5 +1,5 @@
-/* The decoder layers of a dense Qwen2 model for a few tokens of one sequence (decode steps, speculative
-   verification), in one call: the matmuls are kernels.c's, everything between them (RMSNorm, bias, RoPE,
+/* The decoder layers of a dense Qwen2 model for a few tokens (decode steps, speculative verification,
+   small serving steps), in one call: the matmuls are kernels.c's, everything between them (RMSNorm, bias, RoPE,
    the KV cache write, attention, SiLU, residuals) is a loop here instead of ~45 PyTorch ops a layer, each
    of which costs more dispatch time than its arithmetic at these sizes.
 
@@ -69,8 +69,8 @@ static void rope(float *v, const float *cos, const float *sin, int D) {
     for (int i = 0; i < D; i++) v[i] = tmp[i];
 }
 
-/* x [M, hidden] is updated in place through every layer. Row m is at position pos[m], writes its key and
-   value to slot write_slot[m] and attends to the n_read[m] slots read_slots[m * s_max ...] (NULL: slots
+/* x [M, hidden] is updated in place through every layer. Row m's position is in its RoPE rows cos/sin[m];
+   it writes its key and value to slot write_slot[m] and attends to the n_read[m] slots read_slots[m * s_max ...] (NULL: slots
    0 .. n_read[m]-1). Returns 0, or -1 when memory runs out. */
 int qwen_layers_forward(float *x, int M, const int *write_slot, const int *read_slots, const int *n_read, int s_max,
                         const float *cos, const float *sin, const QLayer *layers, const QDims *d) {

@@ -120,23 +120,9 @@ def matmul_torch(x: torch.Tensor, w: BlockInt8) -> torch.Tensor:
     return F.linear(x, dequantize(w))
 
 
-def _call_kernel(kernel, x: torch.Tensor, w: BlockInt8):
-    """Run one of the C matmuls (same signature): returns (y [M, O] float32, the kernel's return value)."""
-    x = x.contiguous()
-    M, K = x.shape
-    O = w.q.shape[0]
-    y = torch.empty(M, O, dtype=torch.float32)
-    xsum = block_sums(x, w.block).contiguous() if w.offset is not None else None
-    status = kernel(
-        x.data_ptr(), xsum.data_ptr() if xsum is not None else None, M, K,
-        w.q.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr() if w.offset is not None else None,
-        w.block, O, y.data_ptr(), torch.get_num_threads())
-    return y, status
-
-
 def matmul_native(x: torch.Tensor, w: BlockInt8, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [M, K] float32 @ W.T with the C kernel (the caller checks the library is there)."""
-    return _call_kernel((lib or load_library()).blockint8_matmul, x, w)[0]
+    return KernelCall(w, "f32", lib or load_library())(x.contiguous())
 
 
 # Prefill dequantizes W into float32 a panel of rows at a time, into one reused buffer, and BLAS
@@ -211,10 +197,7 @@ def q8_supported(w: BlockInt8) -> bool:
 
 def matmul_q8_native(x: torch.Tensor, w: BlockInt8, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [M, K] float32 @ W.T with the q8 C kernel (K % 32 == 0, block 16 or 32; the caller checks)."""
-    y, status = _call_kernel((lib or load_library()).blockint8_matmul_q8, x, w)
-    if status != 0:
-        raise MemoryError(f"q8 kernel: cannot allocate activation buffers for {x.shape[0]} x {x.shape[1]}")
-    return y
+    return KernelCall(w, "q8", lib or load_library())(x.contiguous())
 
 
 ACTIVATIONS = ("q8", "f32")
@@ -271,12 +254,9 @@ def matmul(x: torch.Tensor, w: BlockInt8, native_max_rows: int | None = None,
     if activations == "q8" and not q8_supported(w):
         activations = "f32"
     limit = NATIVE_MAX_ROWS[activations] if native_max_rows is None else native_max_rows
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= limit:
-        lib = load_library()
-        if lib is not None:
-            if activations == "q8":
-                return matmul_q8_native(x, w, lib)
-            return matmul_native(x, w, lib)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and w.q.is_contiguous() and load_library() is not None:
-        return matmul_panels(x, w)
+    lib = load_library() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if lib is not None and x.shape[0] <= limit:
+        return KernelCall(w, activations, lib)(x.contiguous())
+    if lib is not None and w.q.is_contiguous():
+        return matmul_panels(x, w, lib)
     return matmul_torch(x.to(torch.float32), w).to(x.dtype)

@@ -22,9 +22,9 @@ from torch import Tensor
 
 from ..engine.kv_cache import KVCache
 from .modules import QuantLinear
-from .native import load_library, q8_supported
+from .native import NATIVE_MAX_ROWS, load_library, q8_supported
 
-MAX_ROWS = 64  # the decode kernels' range (native.NATIVE_MAX_ROWS); longer chunks use BLAS
+MAX_ROWS = NATIVE_MAX_ROWS["q8"]  # the decode kernels' range; longer chunks use BLAS
 
 
 class QMat(ctypes.Structure):
