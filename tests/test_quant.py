@@ -270,6 +270,19 @@ def test_native_layers_match_the_pytorch_layers(tmp_path, monkeypatch, lib, qtyp
     together, _ = run(True, "q8", split=12)
     one_by_one, _ = run(True, "q8", split=1)
     assert torch.equal(together[:, 1:], one_by_one[:, 1:])
+    # One team of threads shares each phase (layers.c): any thread count, more threads than cores
+    # included, and a caller that is not the main thread (the server's engine) give the same bits.
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(run(True, "q8", split=12)[0], together)
+    finally:
+        torch.set_num_threads(threads)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        assert torch.equal(pool.submit(run, True, "q8", 12).result()[0], together)
     with pytest.raises(ValueError, match="KV cache holds 32 positions"):
         with torch.inference_mode():
             model(ids[:, :3], cache=KVCache(config, 32), start_pos=30)

@@ -154,24 +154,28 @@ static inline void add_offsets(const float *orow, const float *xsum, int nb, int
         case 7: call(7); break; default: call(8); break;                        \
     }
 
+/* Output column o of y = x @ W.T for all M activation rows (the unit of work of every parallel split). */
+static inline void exact_row(int o, const float *x, const float *xsum, int M, int K, const int8_t *q,
+                             const float *scale, const float *offset, int B, int O, float *y) {
+    const int nb = K / B;
+    const int8_t *qrow = q + (size_t)o * K;
+    const float *srow = scale + (size_t)o * nb;
+    float out[TILE];
+    for (int m0 = 0; m0 < M; m0 += TILE) {
+        const int mt = M - m0 < TILE ? M - m0 : TILE;
+        const float *xm = x + (size_t)m0 * K;
+#define EXACT(n) exact_tile(qrow, srow, xm, K, B, n, out)
+        DISPATCH_TILE(EXACT)
+        if (offset) add_offsets(offset + (size_t)o * nb, xsum + (size_t)m0 * nb, nb, mt, out);
+        for (int m = 0; m < mt; m++) y[(size_t)(m0 + m) * O + o] = out[m];
+    }
+}
+
 void blockint8_matmul(const float *x, const float *xsum, int M, int K,
                       const int8_t *q, const float *scale, const float *offset, int B, int O,
                       float *y, int nthreads) {
-    const int nb = K / B;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int o = 0; o < O; o++) {
-        const int8_t *qrow = q + (size_t)o * K;
-        const float *srow = scale + (size_t)o * nb;
-        float out[TILE];
-        for (int m0 = 0; m0 < M; m0 += TILE) {
-            const int mt = M - m0 < TILE ? M - m0 : TILE;
-            const float *xm = x + (size_t)m0 * K;
-#define EXACT(n) exact_tile(qrow, srow, xm, K, B, n, out)
-            DISPATCH_TILE(EXACT)
-            if (offset) add_offsets(offset + (size_t)o * nb, xsum + (size_t)m0 * nb, nb, mt, out);
-            for (int m = 0; m < mt; m++) y[(size_t)(m0 + m) * O + o] = out[m];
-        }
-    }
+    for (int o = 0; o < O; o++) exact_row(o, x, xsum, M, K, q, scale, offset, B, O, y);
 }
 
 /* ---------------------------------------------------------------- q8 kernel, int8 activations */
@@ -272,31 +276,34 @@ static inline void q8_tile(const int8_t *qrow, const float *srow, const int8_t *
 }
 #endif
 
+static inline void q8_row(int o, const int8_t *xq, const float *dx, const float *xsum, int M, int K,
+                          const int8_t *q, const float *scale, const float *offset, int B, int O, float *y) {
+    const int nb = K / B;
+    const int8_t *qrow = q + (size_t)o * K;
+    const float *srow = scale + (size_t)o * nb;
+    float out[TILE];
+    for (int m0 = 0; m0 < M; m0 += TILE) {
+        const int mt = M - m0 < TILE ? M - m0 : TILE;
+        const int8_t *xm = xq + (size_t)m0 * K;
+        const float *dm = dx + (size_t)m0 * (K / 32);
+#define Q8(n) q8_tile(qrow, srow, xm, dm, K, B, n, out)
+        DISPATCH_TILE(Q8)
+        if (offset) add_offsets(offset + (size_t)o * nb, xsum + (size_t)m0 * nb, nb, mt, out);
+        for (int m = 0; m < mt; m++) y[(size_t)(m0 + m) * O + o] = out[m];
+    }
+}
+
 /* Needs K % 32 == 0 and B in {16, 32} (the caller checks). xsum: float block sums over B, or NULL.
    Returns 0, or -1 when the activation buffers cannot be allocated. */
 int blockint8_matmul_q8(const float *x, const float *xsum, int M, int K,
                         const int8_t *q, const float *scale, const float *offset, int B, int O,
                         float *y, int nthreads) {
-    const int nb = K / B;
     int8_t *xq = malloc((size_t)M * K);
     float *dx = malloc((size_t)M * (K / 32) * sizeof(float));
     if (!xq || !dx) { free(xq); free(dx); return -1; }
     quantize_rows(x, M, K, xq, dx);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int o = 0; o < O; o++) {
-        const int8_t *qrow = q + (size_t)o * K;
-        const float *srow = scale + (size_t)o * nb;
-        float out[TILE];
-        for (int m0 = 0; m0 < M; m0 += TILE) {
-            const int mt = M - m0 < TILE ? M - m0 : TILE;
-            const int8_t *xm = xq + (size_t)m0 * K;
-            const float *dm = dx + (size_t)m0 * (K / 32);
-#define Q8(n) q8_tile(qrow, srow, xm, dm, K, B, n, out)
-            DISPATCH_TILE(Q8)
-            if (offset) add_offsets(offset + (size_t)o * nb, xsum + (size_t)m0 * nb, nb, mt, out);
-            for (int m = 0; m < mt; m++) y[(size_t)(m0 + m) * O + o] = out[m];
-        }
-    }
+    for (int o = 0; o < O; o++) q8_row(o, xq, dx, xsum, M, K, q, scale, offset, B, O, y);
     free(xq);
     free(dx);
     return 0;

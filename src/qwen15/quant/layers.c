@@ -14,6 +14,10 @@
    (x * cos + roll(x, D/2) * sin). A key of kv head g in cache slot s is at g * head_stride + s * slot_stride
    floats from the layer's k_cache (engine: [KV, max_len, D]; server: [slots, KV, D]). */
 
+#include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
+
 typedef struct {
     const int8_t *q;
     const float *scale;
@@ -34,26 +38,75 @@ typedef struct {
     float eps;
 } QDims;
 
-static int qmat_mul(const QMat *w, const float *x, int M, float *y, int nthreads) {
-    float *xsum = NULL;
-    if (w->offset) {  /* the offset term needs the float block sums of x */
-        const int nb = w->in / w->block;
-        xsum = malloc((size_t)M * nb * sizeof(float));
-        if (!xsum) return -1;
-        for (int m = 0; m < M; m++)
+/* ---- one team for the whole forward ----
+   A step is ~13 phases a layer (norms, each matmul, RoPE, attention, ...). An OpenMP parallel region per
+   phase is a fork and a join each, and when more threads exist than cores (a server's engine thread has
+   its own OpenMP team beside the main thread's), libgomp's workers sleep between regions instead of
+   spinning, and waking them 120 times a step cost a third of the step. So the forward is one parallel
+   region: every thread works on its share of each phase and waits for the others at a spinning barrier. */
+
+typedef struct {
+    atomic_int arrived;
+    atomic_int phase;
+} Barrier;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void barrier_wait(Barrier *b, int nt) {
+    if (nt == 1) return;
+    const int phase = atomic_load_explicit(&b->phase, memory_order_relaxed);
+    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == nt - 1) {
+        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->phase, phase + 1, memory_order_release);
+        return;
+    }
+    /* phases last microseconds; yield only when the others are clearly not running (more threads than cores) */
+    for (unsigned spins = 0; atomic_load_explicit(&b->phase, memory_order_acquire) == phase; spins++) {
+        if (spins < (1u << 14)) cpu_relax(); else sched_yield();
+    }
+}
+
+/* This thread's share [*a, *b) of n items, in chunks of `align` (output rows of a matmul stay in whole tiles). */
+static inline void share(int n, int tid, int nt, int align, int *a, int *b) {
+    int chunk = (n + nt - 1) / nt;
+    chunk = (chunk + align - 1) / align * align;
+    *a = tid * chunk < n ? tid * chunk : n;
+    *b = *a + chunk < n ? *a + chunk : n;
+}
+
+typedef struct {  /* activation buffers shared by the team for one matmul at a time */
+    int8_t *xq;  /* [M, K] int8 activations (q8 kernel) */
+    float *dx;  /* [M, K / 32] their scales */
+    float *xsum;  /* [M, K / block] float block sums (types with mins) */
+} MatScratch;
+
+/* y [M, w->out] = x [M, w->in] @ W.T by the whole team: the activations are prepared row by row, then each
+   thread computes its share of the output columns. Every thread returns after y is complete. */
+static void qmat_mul_team(const QMat *w, const float *x, int M, float *y, MatScratch *s, Barrier *bar,
+                          int tid, int nt) {
+    const int K = w->in, nb = K / w->block;
+    for (int m = tid; m < M; m += nt) {
+        const float *xm = x + (size_t)m * K;
+        if (w->q8) quantize_rows(xm, 1, K, s->xq + (size_t)m * K, s->dx + (size_t)m * (K / 32));
+        if (w->offset)
             for (int b = 0; b < nb; b++) {
-                float s = 0.f;
-                for (int j = 0; j < w->block; j++) s += x[(size_t)m * w->in + b * w->block + j];
-                xsum[(size_t)m * nb + b] = s;
+                float t = 0.f;
+                for (int j = 0; j < w->block; j++) t += xm[b * w->block + j];
+                s->xsum[(size_t)m * nb + b] = t;
             }
     }
-    int status = 0;
+    barrier_wait(bar, nt);
+    int o0, o1;
+    share(w->out, tid, nt, 8, &o0, &o1);
     if (w->q8)
-        status = blockint8_matmul_q8(x, xsum, M, w->in, w->q, w->scale, w->offset, w->block, w->out, y, nthreads);
+        for (int o = o0; o < o1; o++) q8_row(o, s->xq, s->dx, s->xsum, M, K, w->q, w->scale, w->offset, w->block, w->out, y);
     else
-        blockint8_matmul(x, xsum, M, w->in, w->q, w->scale, w->offset, w->block, w->out, y, nthreads);
-    free(xsum);
-    return status;
+        for (int o = o0; o < o1; o++) exact_row(o, x, s->xsum, M, K, w->q, w->scale, w->offset, w->block, w->out, y);
+    barrier_wait(bar, nt);
 }
 
 static void rms_norm(const float *x, const float *weight, int n, float eps, float *out) {
@@ -78,67 +131,96 @@ int qwen_layers_forward(float *x, int M, const int *write_slot, const int *read_
     const int qkv_w = (H + 2 * KV) * D, group = H / KV, S = s_max;
     const long hs = d->head_stride, ss = d->slot_stride;
     const float scale = 1.f / sqrtf((float)D);
+    const int kmax = Hd > I ? (Hd > H * D ? Hd : H * D) : (I > H * D ? I : H * D);  /* widest matmul input */
     float *xn = malloc((size_t)M * (Hd > I ? Hd : I) * sizeof(float));
     float *qkv = malloc((size_t)M * qkv_w * sizeof(float));
     float *att = malloc((size_t)M * H * D * sizeof(float));
     float *gu = malloc((size_t)M * 2 * I * sizeof(float));
     float *tmp = malloc((size_t)M * Hd * sizeof(float));
     float *scores = malloc((size_t)H * S * sizeof(float));
-    int status = (xn && qkv && att && gu && tmp && scores) ? 0 : -1;
-    for (int l = 0; l < d->layers && status == 0; l++) {
-        const QLayer *L = &layers[l];
-        for (int m = 0; m < M; m++) rms_norm(x + (size_t)m * Hd, L->norm1, Hd, d->eps, xn + (size_t)m * Hd);
-        if ((status = qmat_mul(&L->qkv, xn, M, qkv, d->nthreads))) break;
-        for (int m = 0; m < M; m++) {
-            float *row = qkv + (size_t)m * qkv_w;
-            if (L->qkv_bias) for (int i = 0; i < qkv_w; i++) row[i] += L->qkv_bias[i];
-            for (int h = 0; h < H + KV; h++) rope(row + h * D, cos + (size_t)m * D, sin + (size_t)m * D, D);
-            for (int g = 0; g < KV; g++) {  /* this row's key and value go to its cache slot */
-                const size_t at = (size_t)g * hs + (size_t)write_slot[m] * ss;
-                memcpy(L->k_cache + at, row + (H + g) * D, D * sizeof(float));
-                memcpy(L->v_cache + at, row + (H + KV + g) * D, D * sizeof(float));
-            }
-        }
-        /* Attention, row by row: row m sees its n_read[m] slots (its own position and everything before). */
-        for (int m = 0; m < M; m++) {
-            const int n = n_read[m];
-            const int *slots = read_slots ? read_slots + (size_t)m * s_max : NULL;
-#pragma omp parallel for num_threads(d->nthreads) schedule(static)
-            for (int h = 0; h < H; h++) {
-                const float *qh = qkv + (size_t)m * qkv_w + h * D;
-                const float *kh = L->k_cache + (size_t)(h / group) * hs;
-                const float *vh = L->v_cache + (size_t)(h / group) * hs;
-                float *sc = scores + (size_t)h * S, *out = att + (size_t)m * H * D + h * D;
-                float mx = -INFINITY;
-                for (int j = 0; j < n; j++) {
-                    const float *kj = kh + (size_t)(slots ? slots[j] : j) * ss;
-                    float s = 0.f;
-                    for (int i = 0; i < D; i++) s += qh[i] * kj[i];
-                    sc[j] = s * scale;
-                    mx = sc[j] > mx ? sc[j] : mx;
+    MatScratch ms = {malloc((size_t)M * kmax), malloc((size_t)M * (kmax / 16 + 1) * sizeof(float)),
+                     malloc((size_t)M * (kmax / 16 + 1) * sizeof(float))};
+    int status = (xn && qkv && att && gu && tmp && scores && ms.xq && ms.dx && ms.xsum) ? 0 : -1;
+    Barrier bar = {0, 0};
+    if (status == 0) {
+#pragma omp parallel num_threads(d->nthreads)
+        {
+            const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+            for (int l = 0; l < d->layers; l++) {
+                const QLayer *L = &layers[l];
+                /* the previous layer's MLP residual (rows are owned by the same thread in both), then norm 1 */
+                for (int m = tid; m < M; m += nt) {
+                    float *xm = x + (size_t)m * Hd;
+                    if (l > 0) for (int i = 0; i < Hd; i++) xm[i] += tmp[(size_t)m * Hd + i];
+                    rms_norm(xm, L->norm1, Hd, d->eps, xn + (size_t)m * Hd);
                 }
-                float sum = 0.f;
-                for (int j = 0; j < n; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
-                const float inv = 1.f / sum;
-                for (int i = 0; i < D; i++) out[i] = 0.f;
-                for (int j = 0; j < n; j++) {
-                    const float p = sc[j] * inv, *vj = vh + (size_t)(slots ? slots[j] : j) * ss;
-                    for (int i = 0; i < D; i++) out[i] += p * vj[i];
+                barrier_wait(&bar, nt);
+                qmat_mul_team(&L->qkv, xn, M, qkv, &ms, &bar, tid, nt);
+                /* bias, RoPE on q and k heads, and this row's key and value to its cache slot: one head each */
+                for (int it = tid; it < M * (H + 2 * KV); it += nt) {
+                    const int m = it / (H + 2 * KV), h = it % (H + 2 * KV);
+                    float *v = qkv + (size_t)m * qkv_w + h * D;
+                    if (L->qkv_bias) for (int i = 0; i < D; i++) v[i] += L->qkv_bias[h * D + i];
+                    if (h < H + KV) rope(v, cos + (size_t)m * D, sin + (size_t)m * D, D);
+                    if (h >= H) {
+                        const int g = h < H + KV ? h - H : h - H - KV;
+                        float *cache = h < H + KV ? L->k_cache : L->v_cache;
+                        memcpy(cache + (size_t)g * hs + (size_t)write_slot[m] * ss, v, D * sizeof(float));
+                    }
                 }
+                barrier_wait(&bar, nt);
+                /* Attention, row by row: row m sees its n_read[m] slots (its own position and everything before). */
+                int h0, h1;
+                share(H, tid, nt, 1, &h0, &h1);
+                for (int m = 0; m < M; m++) {
+                    const int n = n_read[m];
+                    const int *slots = read_slots ? read_slots + (size_t)m * s_max : NULL;
+                    for (int h = h0; h < h1; h++) {
+                        const float *qh = qkv + (size_t)m * qkv_w + h * D;
+                        const float *kh = L->k_cache + (size_t)(h / group) * hs;
+                        const float *vh = L->v_cache + (size_t)(h / group) * hs;
+                        float *sc = scores + (size_t)h * S, *out = att + (size_t)m * H * D + h * D;
+                        float mx = -INFINITY;
+                        for (int j = 0; j < n; j++) {
+                            const float *kj = kh + (size_t)(slots ? slots[j] : j) * ss;
+                            float s = 0.f;
+                            for (int i = 0; i < D; i++) s += qh[i] * kj[i];
+                            sc[j] = s * scale;
+                            mx = sc[j] > mx ? sc[j] : mx;
+                        }
+                        float sum = 0.f;
+                        for (int j = 0; j < n; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
+                        const float inv = 1.f / sum;
+                        for (int i = 0; i < D; i++) out[i] = 0.f;
+                        for (int j = 0; j < n; j++) {
+                            const float p = sc[j] * inv, *vj = vh + (size_t)(slots ? slots[j] : j) * ss;
+                            for (int i = 0; i < D; i++) out[i] += p * vj[i];
+                        }
+                    }
+                }
+                barrier_wait(&bar, nt);
+                qmat_mul_team(&L->o, att, M, tmp, &ms, &bar, tid, nt);
+                for (int m = tid; m < M; m += nt) {
+                    float *xm = x + (size_t)m * Hd;
+                    for (int i = 0; i < Hd; i++) xm[i] += tmp[(size_t)m * Hd + i];
+                    rms_norm(xm, L->norm2, Hd, d->eps, xn + (size_t)m * Hd);
+                }
+                barrier_wait(&bar, nt);
+                qmat_mul_team(&L->gate_up, xn, M, gu, &ms, &bar, tid, nt);
+                int i0, i1;
+                share(M * I, tid, nt, 16, &i0, &i1);
+                for (int k = i0; k < i1; k++) {
+                    const int m = k / I, i = k % I;
+                    const float g = gu[(size_t)m * 2 * I + i], u = gu[(size_t)m * 2 * I + I + i];
+                    xn[k] = g / (1.f + expf(-g)) * u;
+                }
+                barrier_wait(&bar, nt);
+                qmat_mul_team(&L->down, xn, M, tmp, &ms, &bar, tid, nt);
             }
+            for (int m = tid; m < M && d->layers > 0; m += nt)  /* the last layer's MLP residual */
+                for (int i = 0; i < Hd; i++) x[(size_t)m * Hd + i] += tmp[(size_t)m * Hd + i];
         }
-        if ((status = qmat_mul(&L->o, att, M, tmp, d->nthreads))) break;
-        for (size_t i = 0; i < (size_t)M * Hd; i++) x[i] += tmp[i];
-        for (int m = 0; m < M; m++) rms_norm(x + (size_t)m * Hd, L->norm2, Hd, d->eps, xn + (size_t)m * Hd);
-        if ((status = qmat_mul(&L->gate_up, xn, M, gu, d->nthreads))) break;
-        for (int m = 0; m < M; m++)
-            for (int i = 0; i < I; i++) {
-                const float g = gu[(size_t)m * 2 * I + i], u = gu[(size_t)m * 2 * I + I + i];
-                xn[(size_t)m * I + i] = g / (1.f + expf(-g)) * u;
-            }
-        if ((status = qmat_mul(&L->down, xn, M, tmp, d->nthreads))) break;
-        for (size_t i = 0; i < (size_t)M * Hd; i++) x[i] += tmp[i];
     }
-    free(xn); free(qkv); free(att); free(gu); free(tmp); free(scores);
+    free(xn); free(qkv); free(att); free(gu); free(tmp); free(scores); free(ms.xq); free(ms.dx); free(ms.xsum);
     return status;
 }
