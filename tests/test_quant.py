@@ -12,7 +12,7 @@ from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 
 from gguf_fixtures import K_QUANTS, _random_k_blocks, random_state_dict, tiny_config, write_tiny_gguf
 from qwen15.quant import native
-from qwen15.quant.blocks import CONVERTIBLE, BlockInt8, dequantize, from_gguf
+from qwen15.quant.blocks import CONVERTIBLE, PACKED, BlockInt8, concat_packed, dequantize, from_gguf, packed_from_gguf
 from qwen15.quant.modules import QuantEmbedding, QuantLinear, concat_rows, is_quantized, set_activations
 
 SIMPLE = (Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q5_1, Q.Q4_1)
@@ -435,13 +435,13 @@ def test_repack_cache_second_load_reads_the_cache_and_matches(tmp_path, monkeypa
     config = tiny_config(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, config, random_state_dict(config), Q.Q4_K, metadata=_TOKENIZER)
-    first = LLM.load(path)
+    first = LLM.load(path, quant="gguf-int8")
     cached = repack_cache.cache_path(path)
     assert cached.is_file() and cached.parent == tmp_path / "cache" / "repacked"
     calls = []
     import qwen15.weights.gguf as gguf_module
     monkeypatch.setattr(gguf_module, "load_gguf", lambda *a, **k: calls.append(a) or pytest.fail("decoded again"))
-    second = LLM.load(path)
+    second = LLM.load(path, quant="gguf-int8")
     assert not calls
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.inference_mode():
@@ -457,16 +457,83 @@ def test_repack_cache_damaged_file_is_rebuilt_and_can_be_turned_off(tmp_path, mo
     config = tiny_config(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, config, random_state_dict(config), Q.Q8_0, metadata=_TOKENIZER)
-    reference = LLM.load(path)
+    reference = LLM.load(path, quant="gguf-int8")
     cached = repack_cache.cache_path(path)
     cached.write_bytes(cached.read_bytes()[:1000])  # truncated
     assert repack_cache.load(path) is None and not cached.exists()
-    rebuilt = LLM.load(path)
+    rebuilt = LLM.load(path, quant="gguf-int8")
     assert cached.is_file()
     ids = torch.tensor([[3, 1, 4]])
     with torch.inference_mode():
         assert torch.equal(reference.model(ids), rebuilt.model(ids))
     cached.unlink()
     monkeypatch.setenv("QWEN15_REPACK_CACHE", "0")
-    LLM.load(path)
+    LLM.load(path, quant="gguf-int8")
     assert not cached.exists() and not list(cached.parent.glob("*.partial"))
+    LLM.load(path)  # the default keeps the file's blocks: nothing to convert, nothing cached
+    assert not cached.exists()
+
+
+# ---- GGUF blocks read as the file stores them (gguf_kernels.c) --------------------------------------
+
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)
+def test_packed_kernels_equal_the_block_int8_kernels_bit_for_bit(lib, qtype):
+    """The packed kernels unpack each block into exactly the BlockInt8 form: dequantization equals gguf's,
+    and the q8 matmul (decode rows, a batch, a prefill through panels) equals the block-int8 one."""
+    rng = np.random.default_rng(int(qtype) + 7)
+    O, K = 40, 768
+    raw = np.ascontiguousarray(_raw(qtype, O, K, rng))
+    packed, converted = packed_from_gguf(raw, qtype, (O, K)), from_gguf(raw, qtype, (O, K))
+    assert packed.nbytes == raw.nbytes
+    got = native.dequantize_any(packed).numpy()
+    np.testing.assert_array_equal(got.view(np.int32), gguf_dequantize(raw, qtype).reshape(O, K).view(np.int32))
+    for M in (1, 3, 9, 70):
+        x = torch.randn(M, K)
+        assert torch.equal(native.matmul(x, packed), native.matmul(x, converted)), M
+
+
+def test_packed_types_and_shapes():
+    rng = np.random.default_rng(3)
+    assert packed_from_gguf(_raw(Q.Q5_1, 4, 64, rng), Q.Q5_1, (4, 64)) is None  # converts to BlockInt8 instead
+    assert packed_from_gguf(_raw(Q.Q8_0, 2 * 4, 64, rng), Q.Q8_0, (2, 4, 64)) is None
+    q5, q8 = (packed_from_gguf(_raw(t, 8, 64, rng), t, (8, 64)) for t in (Q.Q5_0, Q.Q8_0))
+    mixed = concat_packed([q5, q8])  # Q5_0 becomes Q8_0 with the same scale: the same weights
+    assert mixed.qtype == Q.Q8_0 and mixed.shape == (16, 64)
+    assert torch.equal(native.dequantize_any(mixed), torch.cat([native.dequantize_any(q5), native.dequantize_any(q8)]))
+    q4k = packed_from_gguf(_raw(Q.Q4_K, 8, 256, rng), Q.Q4_K, (8, 256))
+    q6k = packed_from_gguf(_raw(Q.Q6_K, 8, 256, rng), Q.Q6_K, (8, 256))
+    assert concat_packed([q4k, q6k]) is None and concat_packed([q4k, q4k]).qtype == Q.Q4_K
+
+
+def test_packed_model_equals_the_block_int8_model(tmp_path, monkeypatch, lib):
+    """quant="gguf" (the file's blocks, mixed types as a Q4_K_M file has them) and quant="gguf-int8"
+    (everything converted) give the same logits bit for bit, through the C layers and through PyTorch."""
+    from qwen15.engine.engine import LLM
+    from qwen15.engine.kv_cache import KVCache
+
+    monkeypatch.setenv("QWEN15_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path / "mixed.gguf"
+    types = {"blk.0.attn_v.weight": Q.Q8_0, "blk.0.ffn_down.weight": Q.Q6_K, "blk.1.ffn_down.weight": Q.Q4_K,
+             "output.weight": Q.Q8_0}
+    write_tiny_gguf(path, config, random_state_dict(config), Q.Q5_0, qtypes=types, metadata=_TOKENIZER)
+    packed, converted = LLM.load(path), LLM.load(path, quant="gguf-int8")
+    layer = packed.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.packed and layer.self_attn.qkv_proj.qtype == Q.Q8_0  # Q5_0 + Q8_0 stacked
+    assert layer.mlp.gate_up_proj.qtype == Q.Q5_0 and layer.mlp.down_proj.qtype == Q.Q6_K
+    assert packed.model.model.embed_tokens.packed and not converted.model.model.layers[0].mlp.down_proj.packed
+    packed_bytes = sum(m.nbytes for m in packed.model.modules() if isinstance(m, QuantLinear))
+    assert packed_bytes < 0.75 * sum(m.nbytes for m in converted.model.modules() if isinstance(m, QuantLinear))
+    ids = torch.randint(0, 27, (1, 9))
+    for native_layers in ("1", "0"):
+        monkeypatch.setenv("QWEN15_NATIVE_LAYERS", native_layers)
+        outs = []
+        for llm in (packed, converted):
+            llm.model._native = None
+            cache = KVCache(config, 16)
+            with torch.inference_mode():
+                first = llm.model(ids[:, :6], cache=cache, start_pos=0)
+                steps = [llm.model(ids[:, i:i + 1], cache=cache, start_pos=i) for i in range(6, 9)]
+            assert bool(llm.model._native) == (native_layers == "1")
+            outs.append(torch.cat([first, *steps], dim=1))
+        assert torch.equal(*outs)

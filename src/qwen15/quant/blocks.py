@@ -160,3 +160,93 @@ def from_gguf(raw: np.ndarray, qtype: Q, torch_shape: tuple[int, ...]) -> BlockI
 
 
 _CHUNK_WEIGHTS = 1 << 22
+
+
+# ---- GGUF blocks kept as the file stores them ----------------------------------------------------------
+
+# Types the C kernels read as they are (gguf_kernels.c). Everything else converts to BlockInt8.
+PACKED = (Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q4_K, Q.Q6_K)
+_SMALL = (Q.Q8_0, Q.Q5_0, Q.Q4_0)  # 32-weight blocks with one fp16 scale: each converts to Q8_0 losslessly
+
+
+@dataclass
+class GGUFBlocks:
+    """A weight [O, K] as GGUF blocks: `raw` uint8 [O, row bytes], often a view of the file's mmap."""
+
+    raw: torch.Tensor
+    qtype: int
+    in_features: int
+    mapped: bool = False  # raw is a view of a read-only file mmap (its pages can be dropped, see drop_pages)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.raw.shape[0], self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+
+def packed_from_gguf(raw: np.ndarray, qtype: Q, torch_shape: tuple[int, ...], mapped: bool = False) -> GGUFBlocks | None:
+    """A GGUF tensor's bytes, uncopied, as GGUFBlocks; None when the kernels do not take its type or shape.
+    mapped: raw is a view of a read-only file mmap (load_gguf's), whose pages drop_pages may release."""
+    if qtype not in PACKED or len(torch_shape) != 2:
+        return None
+    O, K = torch_shape
+    qk, type_size = GGML_QUANT_SIZES[qtype]
+    if K % qk:
+        return None
+    rows = np.asarray(raw).reshape(O, K // qk * type_size)
+    import warnings
+
+    with warnings.catch_warnings():  # a read-only mmap view: the kernels never write to it
+        warnings.simplefilter("ignore", UserWarning)
+        return GGUFBlocks(torch.from_numpy(rows), int(qtype), K, mapped=mapped)
+
+
+def to_blockint8(w: GGUFBlocks) -> BlockInt8:
+    return from_gguf(w.raw.numpy(), Q(w.qtype), w.shape)
+
+
+def to_q8_0(w: GGUFBlocks) -> GGUFBlocks:
+    """Q4_0 / Q5_0 (or Q8_0) blocks as Q8_0 blocks with the same fp16 scale: the same weights, exactly."""
+    if w.qtype == Q.Q8_0:
+        return w
+    b = to_blockint8(w)
+    O, K = w.shape
+    d = b.scale.numpy().astype(np.float16).view(np.uint8).reshape(-1, 2)  # these were fp16: exact
+    q = b.q.numpy().view(np.uint8).reshape(-1, 32)
+    return GGUFBlocks(torch.from_numpy(np.concatenate([d, q], axis=1).reshape(O, -1)), int(Q.Q8_0), K)
+
+
+def concat_packed(parts: list[GGUFBlocks]) -> GGUFBlocks | None:
+    """Stack along the output dimension without loss: the same type as is, 32-weight types as Q8_0;
+    None for other mixes (the caller converts those to BlockInt8)."""
+    original = parts
+    types = {p.qtype for p in parts}
+    if len(types) > 1:
+        if not types <= {int(t) for t in _SMALL}:
+            return None
+        parts = [to_q8_0(p) for p in parts]
+    out = GGUFBlocks(torch.cat([p.raw for p in parts]), parts[0].qtype, parts[0].in_features)
+    for p in original:
+        drop_pages(p)
+    return out
+
+
+def drop_pages(w: GGUFBlocks) -> None:
+    """Take a file-mapped weight's pages out of this process's memory once it has been copied (they count
+    in RSS until then). Safe on a read-only file mapping: a later read maps them from the file again."""
+    if not w.mapped:
+        return
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(None)
+        page = mmap.PAGESIZE
+        start = w.raw.data_ptr() // page * page
+        end = w.raw.data_ptr() + w.raw.numel()
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass

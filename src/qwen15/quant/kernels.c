@@ -16,6 +16,7 @@
    The library is built with -march=native on the machine that runs it, so the #if picks the path. */
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -338,4 +339,14 @@ int blockint8_exact_isa(void) { return EXACT_ISA; }
 int blockint8_q8_isa(void) { return Q8_ISA; }
 
 #include <string.h>
+
+/* This thread's share [*a, *b) of n items, in chunks of `align` (output rows of a matmul stay in whole tiles). */
+static inline void share(int n, int tid, int nt, int align, int *a, int *b) {
+    int chunk = (n + nt - 1) / nt;
+    chunk = (chunk + align - 1) / align * align;
+    *a = tid * chunk < n ? tid * chunk : n;
+    *b = *a + chunk < n ? *a + chunk : n;
+}
+
+#include "gguf_kernels.c"
 #include "layers.c"

@@ -14,7 +14,6 @@
    (x * cos + roll(x, D/2) * sin). A key of kv head g in cache slot s is at g * head_stride + s * slot_stride
    floats from the layer's k_cache (engine: [KV, max_len, D]; server: [slots, KV, D]). */
 
-#include <omp.h>
 #include <sched.h>
 #include <stdatomic.h>
 
@@ -23,6 +22,8 @@ typedef struct {
     const float *scale;
     const float *offset;  /* NULL when the type has no mins */
     int block, out, in, q8;  /* q8: int8 activations (else the exact float kernel) */
+    const uint8_t *raw;  /* GGUF blocks as in the file (gguf_kernels.c), or NULL for block int8 */
+    int qtype;  /* their ggml type */
 } QMat;
 
 typedef struct {
@@ -70,14 +71,6 @@ static void barrier_wait(Barrier *b, int nt) {
     }
 }
 
-/* This thread's share [*a, *b) of n items, in chunks of `align` (output rows of a matmul stay in whole tiles). */
-static inline void share(int n, int tid, int nt, int align, int *a, int *b) {
-    int chunk = (n + nt - 1) / nt;
-    chunk = (chunk + align - 1) / align * align;
-    *a = tid * chunk < n ? tid * chunk : n;
-    *b = *a + chunk < n ? *a + chunk : n;
-}
-
 typedef struct {  /* activation buffers shared by the team for one matmul at a time */
     int8_t *xq;  /* [M, K] int8 activations (q8 kernel) */
     float *dx;  /* [M, K / 32] their scales */
@@ -88,21 +81,24 @@ typedef struct {  /* activation buffers shared by the team for one matmul at a t
    thread computes its share of the output columns. Every thread returns after y is complete. */
 static void qmat_mul_team(const QMat *w, const float *x, int M, float *y, MatScratch *s, Barrier *bar,
                           int tid, int nt) {
-    const int K = w->in, nb = K / w->block;
+    const int K = w->in, packed = w->raw != NULL, block = packed ? 32 : w->block, nb = K / block;
+    const int sums = packed ? w->qtype == QT_Q4_K : w->offset != NULL;  /* types with mins need sum(x) a block */
     for (int m = tid; m < M; m += nt) {
         const float *xm = x + (size_t)m * K;
-        if (w->q8) quantize_rows(xm, 1, K, s->xq + (size_t)m * K, s->dx + (size_t)m * (K / 32));
-        if (w->offset)
+        if (w->q8 || packed) quantize_rows(xm, 1, K, s->xq + (size_t)m * K, s->dx + (size_t)m * (K / 32));
+        if (sums)
             for (int b = 0; b < nb; b++) {
                 float t = 0.f;
-                for (int j = 0; j < w->block; j++) t += xm[b * w->block + j];
+                for (int j = 0; j < block; j++) t += xm[b * block + j];
                 s->xsum[(size_t)m * nb + b] = t;
             }
     }
     barrier_wait(bar, nt);
     int o0, o1;
     share(w->out, tid, nt, 8, &o0, &o1);
-    if (w->q8)
+    if (packed)
+        packed_rows(o0, o1, s->xq, s->dx, s->xsum, M, K, w->raw, w->qtype, y, w->out);
+    else if (w->q8)
         for (int o = o0; o < o1; o++) q8_row(o, s->xq, s->dx, s->xsum, M, K, w->q, w->scale, w->offset, w->block, w->out, y);
     else
         for (int o = o0; o < o1; o++) exact_row(o, x, s->xsum, M, K, w->q, w->scale, w->offset, w->block, w->out, y);

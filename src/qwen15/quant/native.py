@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .blocks import BlockInt8, dequantize
+from .blocks import BlockInt8, GGUFBlocks, dequantize, to_blockint8
 
 SOURCE = Path(__file__).with_name("kernels.c")
+INCLUDED = (SOURCE.with_name("gguf_kernels.c"), SOURCE.with_name("layers.c"))  # #included by kernels.c
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]  # no implicit FMA: C dequantization rounds as PyTorch does
 
 _lock = threading.Lock()
@@ -39,7 +40,7 @@ _tried = False
 def library_path() -> Path:
     from ..weights.packaged import cache_dir
 
-    sources = b"".join(p.read_bytes() for p in (SOURCE, SOURCE.with_name("layers.c")))  # kernels.c includes layers.c
+    sources = b"".join(p.read_bytes() for p in (SOURCE, *INCLUDED))
     digest = hashlib.sha256(sources + " ".join(FLAGS).encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"blockint8-{digest}.so"
 
@@ -87,6 +88,10 @@ def load_library() -> ctypes.CDLL | None:
             lib.blockint8_dequantize.restype = None
             lib.qwen_layers_forward.argtypes = [P, I, P, P, P, I, P, P, P, P]
             lib.qwen_layers_forward.restype = I
+            lib.gguf_matmul_q8.argtypes = [P, P, I, I, P, I, I, P, I]
+            lib.gguf_matmul_q8.restype = I
+            lib.gguf_dequantize.argtypes = [P, I, I, I, P, I]
+            lib.gguf_dequantize.restype = None
             lib.blockint8_exact_isa.restype = I
             lib.blockint8_q8_isa.restype = I
             _lib = lib
@@ -115,9 +120,25 @@ def block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.view(M, K // block, block).sum(-1)
 
 
-def matmul_torch(x: torch.Tensor, w: BlockInt8) -> torch.Tensor:
+def dequantize_any(w: BlockInt8 | GGUFBlocks) -> torch.Tensor:
+    """float32 [O, K] of either form (for GGUF blocks: the C dequantizer, else gguf's numpy one)."""
+    if isinstance(w, BlockInt8):
+        return dequantize(w)
+    lib = load_library()
+    O, K = w.shape
+    if lib is None:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as gguf_dequantize
+
+        return torch.from_numpy(gguf_dequantize(w.raw.numpy(), GGMLQuantizationType(w.qtype)).reshape(O, K))
+    out = torch.empty(O, K, dtype=torch.float32)
+    lib.gguf_dequantize(w.raw.data_ptr(), w.qtype, O, K, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def matmul_torch(x: torch.Tensor, w: BlockInt8 | GGUFBlocks) -> torch.Tensor:
     """x [M, K] float32 @ W.T via a dequantized copy of W (the fallback, and the path for large M)."""
-    return F.linear(x, dequantize(w))
+    return F.linear(x, dequantize_any(w))
 
 
 def matmul_native(x: torch.Tensor, w: BlockInt8, lib: ctypes.CDLL | None = None) -> torch.Tensor:
@@ -146,18 +167,25 @@ def matmul_panels(x: torch.Tensor, w: BlockInt8, lib: ctypes.CDLL | None = None)
     lib = lib or load_library()
     x = x.contiguous()
     M, K = x.shape
-    O = w.q.shape[0]
-    nb = K // w.block
+    O = w.shape[0]
     rows = max(1, min(O, PANEL_BYTES // (4 * K)))
     panel = _panel_buffer(rows * K).view(rows, K)
     threads = torch.get_num_threads()
-    q, scale = w.q.data_ptr(), w.scale.data_ptr()
-    offset = w.offset.data_ptr() if w.offset is not None else None
+    if isinstance(w, GGUFBlocks):
+        raw, row_bytes = w.raw.data_ptr(), w.raw.shape[1]
 
-    def dequantize_rows(o0: int, n: int) -> torch.Tensor:
-        lib.blockint8_dequantize(q + o0 * K, scale + 4 * o0 * nb, offset + 4 * o0 * nb if offset else None,
-                                 w.block, n, K, panel.data_ptr(), threads)
-        return panel[:n]
+        def dequantize_rows(o0: int, n: int) -> torch.Tensor:
+            lib.gguf_dequantize(raw + o0 * row_bytes, w.qtype, n, K, panel.data_ptr(), threads)
+            return panel[:n]
+    else:
+        nb = K // w.block
+        q, scale = w.q.data_ptr(), w.scale.data_ptr()
+        offset = w.offset.data_ptr() if w.offset is not None else None
+
+        def dequantize_rows(o0: int, n: int) -> torch.Tensor:
+            lib.blockint8_dequantize(q + o0 * K, scale + 4 * o0 * nb, offset + 4 * o0 * nb if offset else None,
+                                     w.block, n, K, panel.data_ptr(), threads)
+            return panel[:n]
 
     if rows == O:
         return torch.mm(x, dequantize_rows(0, O).t())
@@ -191,7 +219,9 @@ def matmul_q8_torch(x: torch.Tensor, w: BlockInt8) -> torch.Tensor:
     return y
 
 
-def q8_supported(w: BlockInt8) -> bool:
+def q8_supported(w: BlockInt8 | GGUFBlocks) -> bool:
+    if isinstance(w, GGUFBlocks):
+        return True  # packed_from_gguf only makes shapes the kernels take
     return w.q.shape[1] % 32 == 0 and w.block in (16, 32)
 
 
@@ -214,14 +244,21 @@ class KernelCall:
     """One weight's C matmul with its arguments bound. Decode calls about a hundred of these a token, and
     the generic `matmul` path's checks and pointer lookups cost as much as a small matrix's kernel."""
 
-    def __init__(self, w: BlockInt8, activations: str, lib: ctypes.CDLL):
-        self.q, self.activations = w.q, activations  # the module rebuilds this when either changes
+    def __init__(self, w: BlockInt8 | GGUFBlocks, activations: str, lib: ctypes.CDLL):
+        self.activations = activations  # the module rebuilds this when it changes
+        self.O, self.K = w.shape
+        if isinstance(w, GGUFBlocks):  # int8 activations only: "f32" (exact) goes through dequantize + BLAS
+            self.q, self.block, self.max_rows = w.raw, 32, NATIVE_MAX_ROWS["q8"] if activations == "q8" else 0
+            self.fn, self.sums = lib.gguf_matmul_q8, w.qtype == 12  # Q4_K: offsets need sum(x) a block
+            self._keep = (w.raw,)
+            self.args = (w.raw.data_ptr(), w.qtype, self.O)
+            return
+        self.q = w.q
         if activations == "q8" and not q8_supported(w):
             activations = "f32"
         self.max_rows = NATIVE_MAX_ROWS[activations]
         self.fn = lib.blockint8_matmul_q8 if activations == "q8" else lib.blockint8_matmul
-        self.O, self.K = w.q.shape
-        self.block = w.block
+        self.block, self.sums = w.block, w.offset is not None
         self._keep = (w.q, w.scale, w.offset)  # the pointers below stay valid while these live
         self.args = (w.q.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr() if w.offset is not None else None,
                      w.block, self.O)
@@ -230,33 +267,38 @@ class KernelCall:
         """x [M, K] float32, contiguous, on the CPU, M <= max_rows."""
         M = x.shape[0]
         y = torch.empty(M, self.O, dtype=torch.float32)
-        xsum = block_sums(x, self.block).contiguous() if self.args[2] is not None else None
+        xsum = block_sums(x, self.block).contiguous() if self.sums else None
         status = self.fn(x.data_ptr(), xsum.data_ptr() if xsum is not None else None, M, self.K, *self.args,
                          y.data_ptr(), torch.get_num_threads())
-        if status:  # only the q8 kernel returns a status
+        if status:  # only the q8 kernels return a status
             raise MemoryError(f"q8 kernel: cannot allocate activation buffers for {M} x {self.K}")
         return y
 
 
-def kernel_call(w: BlockInt8, activations: str = "q8") -> KernelCall | None:
+def kernel_call(w: BlockInt8 | GGUFBlocks, activations: str = "q8") -> KernelCall | None:
     """The bound C matmul for w, or None where there is none (no library, not on the CPU)."""
     lib = load_library()
-    if lib is None or w.q.device.type != "cpu" or not w.q.is_contiguous() or not w.scale.is_contiguous():
+    if lib is None:
+        return None
+    tensors = (w.raw,) if isinstance(w, GGUFBlocks) else (w.q, w.scale)
+    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         return None
     return KernelCall(w, activations, lib)
 
 
-def matmul(x: torch.Tensor, w: BlockInt8, native_max_rows: int | None = None,
+def matmul(x: torch.Tensor, w: BlockInt8 | GGUFBlocks, native_max_rows: int | None = None,
            activations: str = "q8") -> torch.Tensor:
     """x [M, K] @ W.T: a C kernel for M <= native_max_rows (decode, batches, prefill chunks), else
     dequantize + BLAS. activations: "q8" (int8 dot products, the default) or "f32" (exact); "q8" falls
-    back to "f32" for shapes it does not take."""
+    back to "f32" for shapes it does not take, and GGUF blocks take "f32" through dequantize + BLAS."""
     if activations == "q8" and not q8_supported(w):
         activations = "f32"
-    limit = NATIVE_MAX_ROWS[activations] if native_max_rows is None else native_max_rows
+    packed = isinstance(w, GGUFBlocks)
+    limit = (0 if packed and activations == "f32" else NATIVE_MAX_ROWS[activations]) \
+        if native_max_rows is None else native_max_rows
     lib = load_library() if x.device.type == "cpu" and x.dtype == torch.float32 else None
     if lib is not None and x.shape[0] <= limit:
         return KernelCall(w, activations, lib)(x.contiguous())
-    if lib is not None and w.q.is_contiguous():
+    if lib is not None and (packed and w.raw.is_contiguous() or not packed and w.q.is_contiguous()):
         return matmul_panels(x, w, lib)
     return matmul_torch(x.to(torch.float32), w).to(x.dtype)

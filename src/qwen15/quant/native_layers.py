@@ -29,7 +29,8 @@ MAX_ROWS = NATIVE_MAX_ROWS["q8"]  # the decode kernels' range; longer chunks use
 
 class QMat(ctypes.Structure):
     _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("offset", ctypes.c_void_p),
-                ("block", ctypes.c_int), ("out", ctypes.c_int), ("in_", ctypes.c_int), ("q8", ctypes.c_int)]
+                ("block", ctypes.c_int), ("out", ctypes.c_int), ("in_", ctypes.c_int), ("q8", ctypes.c_int),
+                ("raw", ctypes.c_void_p), ("qtype", ctypes.c_int)]
 
 
 class QLayer(ctypes.Structure):
@@ -46,13 +47,21 @@ class QDims(ctypes.Structure):
 
 
 def _qmat(m: QuantLinear) -> QMat:
+    if m.packed:  # GGUF blocks: int8 activations always (supported() asks for "q8")
+        return QMat(None, None, None, 32, m.out_features, m.in_features, 1, m.raw.data_ptr(), m.qtype)
     w = m.blocks
     return QMat(w.q.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr() if w.offset is not None else None,
-                w.block, w.q.shape[0], w.q.shape[1], int(m.activations == "q8" and q8_supported(w)))
+                w.block, w.q.shape[0], w.q.shape[1], int(m.activations == "q8" and q8_supported(w)), None, 0)
 
 
 def _contiguous_f32(*tensors: Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+
+
+def _on_cpu(m: QuantLinear) -> bool:
+    if m.packed:  # the exact (float activation) path of GGUF blocks is dequantize + BLAS: PyTorch layers
+        return m.raw.device.type == "cpu" and m.raw.is_contiguous() and m.activations == "q8"
+    return m.q.device.type == "cpu" and m.q.is_contiguous() and m.scale.is_contiguous()
 
 
 def supported(model) -> bool:
@@ -69,8 +78,7 @@ def supported(model) -> bool:
         if not isinstance(mlp, MLP) or a.window is not None:
             return False
         mats = [a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj]
-        if not all(isinstance(m, QuantLinear) and m.q.device.type == "cpu" and m.q.is_contiguous()
-                   and m.scale.is_contiguous() for m in mats) or a.o_proj.bias is not None:
+        if not all(isinstance(m, QuantLinear) and _on_cpu(m) for m in mats) or a.o_proj.bias is not None:
             return False
         if mlp.down_proj.bias is not None or mlp.gate_up_proj.bias is not None:
             return False

@@ -369,11 +369,14 @@ def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool | None = None,
-              keep_quantized: bool = False) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+              keep_quantized: bool | str = False) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
     """Read a qwen2 / qwen2moe GGUF: (config, state dict in our names dequantized to `dtype`, metadata).
 
     keep_quantized: quantized 2-D tensors whose type converts losslessly to block int8 (Q8_0, Q5_0,
     Q4_0, Q5_1, Q4_1, Q4_K, Q5_K, Q6_K) come back as `qwen15.quant.blocks.BlockInt8` instead.
+    keep_quantized="packed": those of them the C kernels read as they are (Q8_0, Q5_0, Q4_0, Q4_K,
+    Q6_K) come back as `GGUFBlocks`, views of the file's mmap (nothing copied or decoded); the others
+    as BlockInt8.
 
     Every tensor the config implies must be present with that shape (checked before any is
     dequantized). A progress bar goes to stderr when it is a terminal, or when progress=True."""
@@ -397,13 +400,19 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
             raise WeightsError(f"{path}: tensor '{g}' has shape {shape} but the config implies {shapes[ours]}")
     show = _stderr_is_tty() if progress is None else progress
 
-    from ..quant.blocks import from_gguf
+    from ..quant.blocks import from_gguf, packed_from_gguf
 
     def convert(item: tuple[str, str]) -> torch.Tensor:
         ours, g = item
         t = tensors[g]
+        mapped = False
         try:
             if keep_quantized and len(shapes[ours]) == 2 and t.torch_shape == shapes[ours]:
+                if keep_quantized == "packed":
+                    packed = packed_from_gguf(t.data, t.tensor_type, t.torch_shape, mapped=True)
+                    if packed is not None:
+                        mapped = True  # the model reads these pages from the mmap: keep them
+                        return packed
                 blocks = from_gguf(t.data, t.tensor_type, t.torch_shape)
                 if blocks is not None:
                     return blocks
@@ -411,7 +420,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
         except WeightsError as e:
             raise WeightsError(f"{path}: {e}") from None
         finally:
-            _release(t)
+            if not mapped:
+                _release(t)
 
     # numpy's dequantizers release the GIL for most of their work: two threads load ~1.6x faster.
     state: dict[str, torch.Tensor] = {}

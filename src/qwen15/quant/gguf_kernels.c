@@ -1,0 +1,346 @@
+/* Matmuls that read GGUF's quantized blocks as the file stores them (Q8_0, Q5_0, Q4_0, Q4_K, Q6_K), so a
+   model's weights take the file's size in memory and decode reads that many bytes a token.
+
+   Each 32 weights of a row are unpacked in registers into signed int8 values, a float scale (two for
+   Q6_K's blocks of 16) and, for Q4_K, an offset: exactly the BlockInt8 form blocks.py converts these
+   types to. The products then follow q8_tile and add_offsets operation for operation, so a packed
+   matrix gives the same bits as its BlockInt8 conversion through the q8 kernel (tested), and a row
+   of a batch the same bits as that row alone.
+
+   Included by kernels.c (one library), after the block-int8 kernels whose helpers it uses. */
+
+enum { QT_Q4_0 = 2, QT_Q5_0 = 6, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q6_K = 14 };  /* ggml type ids */
+
+/* Bytes of one row of K weights; 0 for a type these kernels do not take. */
+static long gguf_row_bytes(int qtype, int K) {
+    switch (qtype) {
+        case QT_Q4_0: return K / 32 * 18L;
+        case QT_Q5_0: return K / 32 * 22L;
+        case QT_Q8_0: return K / 32 * 34L;
+        case QT_Q4_K: return K / 256 * 144L;
+        case QT_Q6_K: return K / 256 * 210L;
+        default: return 0;
+    }
+}
+
+long gguf_packed_row_bytes(int qtype, int K) { return gguf_row_bytes(qtype, K); }
+
+static inline float half_to_float(const uint8_t *p) {
+    const uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    uint32_t bits;
+    if (exp == 0x1F) bits = sign | 0x7F800000u | (man << 13);  /* inf / nan */
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man) bits = sign;
+    else {  /* subnormal: normalize */
+        int e = -1;
+        uint32_t m = man;
+        do { m <<= 1; e++; } while (!(m & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* Q4_K / Q5_K: the 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes. */
+static inline void k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 0x3F;
+        *mn = s[j + 4] & 0x3F;
+    } else {
+        *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30);
+    }
+}
+
+/* Scale(s) and offset of 32-block b of a row: s[0] for the block (s[0], s[1] for Q6_K's two halves). */
+static inline __attribute__((always_inline)) void block_params(const uint8_t *row, int qtype, int b, float *s,
+                                                              float *off) {
+    *off = 0.f;
+    if (qtype == QT_Q4_0) s[0] = half_to_float(row + b * 18);
+    else if (qtype == QT_Q5_0) s[0] = half_to_float(row + b * 22);
+    else if (qtype == QT_Q8_0) s[0] = half_to_float(row + b * 34);
+    else if (qtype == QT_Q4_K) {
+        const uint8_t *sb = row + (b / 8) * 144;
+        int sc, mn;
+        k_scale_min(sb + 4, b % 8, &sc, &mn);
+        s[0] = half_to_float(sb) * (float)sc;
+        *off = -(half_to_float(sb + 2) * (float)mn);
+    } else {  /* Q6_K */
+        const uint8_t *sb = row + (b / 8) * 210;
+        const float d = half_to_float(sb + 208);
+        const int8_t *scales = (const int8_t *)(sb + 192);
+        s[0] = d * (float)scales[(b % 8) * 2];
+        s[1] = d * (float)scales[(b % 8) * 2 + 1];
+    }
+}
+
+/* Every block's scale(s) and offset of a row at once (block_params for b = 0 .. nb-1): the fp16 factors of
+   a K-quant super-block are converted once for its 8 blocks. */
+static inline __attribute__((always_inline)) void row_params(const uint8_t *row, const int qtype, int nb,
+                                                            float *sc, float *offs) {
+    if (qtype == QT_Q4_K) {
+        for (int sbi = 0; sbi < nb / 8; sbi++) {
+            const uint8_t *sb = row + sbi * 144;
+            const float d = half_to_float(sb), dmin = half_to_float(sb + 2);
+            for (int j = 0; j < 8; j++) {
+                int c, m;
+                k_scale_min(sb + 4, j, &c, &m);
+                sc[sbi * 8 + j] = d * (float)c;
+                offs[sbi * 8 + j] = -(dmin * (float)m);
+            }
+        }
+    } else if (qtype == QT_Q6_K) {
+        for (int sbi = 0; sbi < nb / 8; sbi++) {
+            const uint8_t *sb = row + sbi * 210;
+            const float d = half_to_float(sb + 208);
+            for (int j = 0; j < 16; j++) sc[sbi * 16 + j] = d * (float)((const int8_t *)(sb + 192))[j];
+        }
+    } else {
+        const int stride = qtype == QT_Q4_0 ? 18 : qtype == QT_Q5_0 ? 22 : 34;
+        for (int b = 0; b < nb; b++) sc[b] = half_to_float(row + b * stride);
+    }
+}
+
+/* The 32 signed weights of block b (plain C; the scalar path and dequantization). */
+static inline void unpack32(const uint8_t *row, int qtype, int b, int8_t *w) {
+    if (qtype == QT_Q8_0) {
+        memcpy(w, row + b * 34 + 2, 32);
+    } else if (qtype == QT_Q4_0) {
+        const uint8_t *qs = row + b * 18 + 2;
+        for (int j = 0; j < 16; j++) { w[j] = (int8_t)((qs[j] & 0x0F) - 8); w[j + 16] = (int8_t)((qs[j] >> 4) - 8); }
+    } else if (qtype == QT_Q5_0) {
+        const uint8_t *blk = row + b * 22;
+        uint32_t qh;
+        memcpy(&qh, blk + 2, 4);
+        const uint8_t *qs = blk + 6;
+        for (int j = 0; j < 16; j++) {
+            w[j] = (int8_t)(((qs[j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16);
+            w[j + 16] = (int8_t)(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+        }
+    } else if (qtype == QT_Q4_K) {
+        const uint8_t *qs = row + (b / 8) * 144 + 16 + ((b % 8) / 2) * 32;
+        const int shift = (b % 2) * 4;
+        for (int j = 0; j < 32; j++) w[j] = (int8_t)((qs[j] >> shift) & 0x0F);
+    } else {  /* Q6_K: element r of a half of 128 takes ql's nibble (r < 64: low) and qh's 2 bits (r / 32) */
+        const uint8_t *sb = row + (b / 8) * 210;
+        const int t = b % 8, g = t / 4, r0 = (t % 4) * 32;
+        const uint8_t *ql = sb + g * 64 + (r0 & 63), *qh = sb + 128 + g * 32;
+        const int lshift = r0 >= 64 ? 4 : 0, hshift = 2 * (r0 / 32);
+        for (int j = 0; j < 32; j++)
+            w[j] = (int8_t)((((ql[j] >> lshift) & 0x0F) | (((qh[j] >> hshift) & 3) << 4)) - 32);
+    }
+}
+
+#if Q8_ISA
+/* The same 32 weights in a register. */
+static inline __attribute__((always_inline)) __m256i unpack32_avx2(const uint8_t *row, int qtype, int b) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    if (qtype == QT_Q8_0) return _mm256_loadu_si256((const __m256i *)(row + b * 34 + 2));
+    if (qtype == QT_Q4_0 || qtype == QT_Q5_0) {
+        const uint8_t *qs = row + b * (qtype == QT_Q4_0 ? 18 : 22) + (qtype == QT_Q4_0 ? 2 : 6);
+        const __m128i bytes = _mm_loadu_si128((const __m128i *)qs);
+        const __m256i nib = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low4);  /* elements 0-15 low, 16-31 high nibbles */
+        if (qtype == QT_Q4_0) return _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
+        /* Q5_0: bit j of qh is the fifth bit of element j. Spread the 32 bits to bytes (byte j of the
+           broadcast word holds bits 8*(j/8)..), test each byte's bit, then w = nib - 16 + 16 * bit,
+           i.e. nib | 0xF0 where the bit is clear. */
+        uint32_t qh;
+        memcpy(&qh, row + b * 22 + 2, 4);
+        const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
+            _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000));
+        const __m256i bit = _mm256_set1_epi64x(0x8040201008040201);
+        const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        return _mm256_or_si256(nib, _mm256_andnot_si256(set, _mm256_set1_epi8((char)0xF0)));
+    }
+    if (qtype == QT_Q4_K) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(row + (b / 8) * 144 + 16 + ((b % 8) / 2) * 32));
+        return (b % 2) ? _mm256_and_si256(_mm256_srli_epi16(q, 4), low4) : _mm256_and_si256(q, low4);
+    }
+    /* Q6_K */
+    const uint8_t *sb = row + (b / 8) * 210;
+    const int t = b % 8, g = t / 4, r0 = (t % 4) * 32;
+    __m256i lo = _mm256_loadu_si256((const __m256i *)(sb + g * 64 + (r0 & 63)));
+    if (r0 >= 64) lo = _mm256_srli_epi16(lo, 4);
+    lo = _mm256_and_si256(lo, low4);
+    __m256i hi = _mm256_loadu_si256((const __m256i *)(sb + 128 + g * 32));
+    switch (r0 / 32) {  /* shift counts must be constants */
+        case 1: hi = _mm256_srli_epi16(hi, 2); break;
+        case 2: hi = _mm256_srli_epi16(hi, 4); break;
+        case 3: hi = _mm256_srli_epi16(hi, 6); break;
+        default: break;
+    }
+    hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
+    return _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
+}
+
+/* The scale(s) of block b from the row's table (two a block for Q6_K) times the activation scale d. */
+static inline __attribute__((always_inline)) __m256 packed_scale(const float *sc, int qtype, int b, float d) {
+    if (qtype != QT_Q6_K) return _mm256_set1_ps(sc[b] * d);
+    return _mm256_set_m128(_mm_set1_ps(sc[2 * b + 1] * d), _mm_set1_ps(sc[2 * b] * d));
+}
+
+/* One weight row times MT int8 activation rows: q8_tile's arithmetic, with the weights unpacked here. */
+static inline __attribute__((always_inline)) void packed_tile(
+        const uint8_t *row, int qtype, const float *sc, const int8_t *xq, const float *dx, int K, int MT,
+        float *out) {
+    const int nb32 = K / 32;
+    __m256 acc[TILE], acc2[TILE];
+    for (int m = 0; m < MT; m++) acc[m] = acc2[m] = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 1 < nb32; b += 2) {
+        const __m256i w0 = unpack32_avx2(row, qtype, b), w1 = unpack32_avx2(row, qtype, b + 1);
+        const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);
+        for (int m = 0; m < MT; m++) {
+            const int8_t *xp = xq + (size_t)m * K + b * 32;
+            const float *dp = dx + (size_t)m * nb32 + b;
+            acc[m] = _mm256_fmadd_ps(dot32(a0, w0, _mm256_loadu_si256((const __m256i *)xp)),
+                                     packed_scale(sc, qtype, b, dp[0]), acc[m]);
+            acc2[m] = _mm256_fmadd_ps(dot32(a1, w1, _mm256_loadu_si256((const __m256i *)(xp + 32))),
+                                      packed_scale(sc, qtype, b + 1, dp[1]), acc2[m]);
+        }
+    }
+    if (b < nb32) {
+        const __m256i w0 = unpack32_avx2(row, qtype, b);
+        const __m256i a0 = _mm256_sign_epi8(w0, w0);
+        for (int m = 0; m < MT; m++) {
+            const int8_t *xp = xq + (size_t)m * K + b * 32;
+            acc[m] = _mm256_fmadd_ps(dot32(a0, w0, _mm256_loadu_si256((const __m256i *)xp)),
+                                     packed_scale(sc, qtype, b, dx[(size_t)m * nb32 + b]), acc[m]);
+        }
+    }
+    for (int m = 0; m < MT; m++) {
+        __m256 v = _mm256_add_ps(acc[m], acc2[m]);
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        out[m] = _mm_cvtss_f32(s);
+    }
+}
+
+#else
+
+static inline void packed_tile(const uint8_t *row, int qtype, const float *sc, const int8_t *xq, const float *dx,
+                               int K, int MT, float *out) {
+    const int nb32 = K / 32;
+    int8_t w[32];
+    for (int m = 0; m < MT; m++) out[m] = 0.f;
+    for (int b = 0; b < nb32; b++) {
+        unpack32(row, qtype, b, w);
+        const float *s = qtype == QT_Q6_K ? sc + 2 * b : sc + b;
+        const int B = qtype == QT_Q6_K ? 16 : 32;
+        for (int m = 0; m < MT; m++) {
+            const int8_t *xp = xq + (size_t)m * K + b * 32;
+            const float d = dx[(size_t)m * nb32 + b];
+            for (int h = 0; h < 32; h += B) {
+                int32_t t = 0;
+                for (int j = 0; j < B; j++) t += (int32_t)w[h + j] * (int32_t)xp[h + j];
+                out[m] += (float)t * (s[h / 16 * (B == 16)] * d);
+            }
+        }
+    }
+}
+#endif
+
+/* Output column o for all M rows: the weight products, then the Q4_K offsets times the float block sums.
+   qtype is a constant in each caller below, so every type compiles to its own loops. */
+static inline __attribute__((always_inline)) void packed_row_t(
+        int o, const int8_t *xq, const float *dx, const float *xsum, int M, int K, const uint8_t *raw,
+        const int qtype, float *y, long ldy) {
+    const uint8_t *row = raw + (size_t)o * gguf_row_bytes(qtype, K);
+    const int nb = K / 32;
+    float out[TILE], sc[2 * nb], offs[nb];  /* the row's scales and offsets, decoded once for all M rows */
+    row_params(row, qtype, nb, sc, offs);
+    for (int m0 = 0; m0 < M; m0 += TILE) {
+        const int mt = M - m0 < TILE ? M - m0 : TILE;
+        const int8_t *xm = xq + (size_t)m0 * K;
+        const float *dm = dx + (size_t)m0 * nb;
+#define PACKED(n) packed_tile(row, qtype, sc, xm, dm, K, n, out)
+        DISPATCH_TILE(PACKED)
+#undef PACKED
+        if (qtype == QT_Q4_K) {
+            for (int m = 0; m < mt; m++) {
+                const float *xs = xsum + (size_t)(m0 + m) * nb;
+                float acc = 0.f;
+                for (int b = 0; b < nb; b++) acc += offs[b] * xs[b];
+                out[m] += acc;
+            }
+        }
+        for (int m = 0; m < mt; m++) y[(size_t)(m0 + m) * ldy + o] = out[m];
+    }
+}
+
+static void packed_rows(int o0, int o1, const int8_t *xq, const float *dx, const float *xsum, int M, int K,
+                        const uint8_t *raw, int qtype, float *y, long ldy) {
+#define ROWS(T) for (int o = o0; o < o1; o++) packed_row_t(o, xq, dx, xsum, M, K, raw, T, y, ldy)
+    switch (qtype) {
+        case QT_Q8_0: ROWS(QT_Q8_0); break;
+        case QT_Q5_0: ROWS(QT_Q5_0); break;
+        case QT_Q4_0: ROWS(QT_Q4_0); break;
+        case QT_Q4_K: ROWS(QT_Q4_K); break;
+        default: ROWS(QT_Q6_K); break;
+    }
+#undef ROWS
+}
+
+/* y [M, O] = x [M, K] @ W.T for packed W (K % 32 == 0; K % 256 == 0 for the K-quants; the caller checks),
+   activations rounded to int8 per 32 as blockint8_matmul_q8 does. xsum: float sums of x per 32 (Q4_K
+   only, else NULL). Returns 0, or -1 when the activation buffers cannot be allocated. */
+int gguf_matmul_q8(const float *x, const float *xsum, int M, int K, const uint8_t *raw, int qtype, int O,
+                   float *y, int nthreads) {
+    int8_t *xq = malloc((size_t)M * K);
+    float *dx = malloc((size_t)M * (K / 32) * sizeof(float));
+    if (!xq || !dx) { free(xq); free(dx); return -1; }
+    quantize_rows(x, M, K, xq, dx);
+#pragma omp parallel num_threads(nthreads)
+    {
+        int o0, o1;
+        share(O, omp_get_thread_num(), omp_get_num_threads(), 8, &o0, &o1);
+        packed_rows(o0, o1, xq, dx, xsum, M, K, raw, qtype, y, O);
+    }
+    free(xq);
+    free(dx);
+    return 0;
+}
+
+/* Rows of W as float32 out [O, K]: q * scale + offset, as blocks.dequantize computes the BlockInt8 form
+   (and gguf.quants.dequantize the file's blocks), bit for bit. */
+void gguf_dequantize(const uint8_t *raw, int qtype, int O, int K, float *out, int nthreads) {
+    const long rb = gguf_row_bytes(qtype, K);
+    const int nb = K / 32;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int o = 0; o < O; o++) {
+        const uint8_t *row = raw + (size_t)o * rb;
+        float *dst = out + (size_t)o * K;
+        float sc[2 * nb], offs[nb];
+        row_params(row, qtype, nb, sc, offs);
+        for (int b = 0; b < nb; b++) {
+            const float s0 = qtype == QT_Q6_K ? sc[2 * b] : sc[b], s1 = qtype == QT_Q6_K ? sc[2 * b + 1] : s0;
+            const float off = qtype == QT_Q4_K ? offs[b] : 0.f;
+#if Q8_ISA
+            const __m256i w = unpack32_avx2(row, qtype, b);
+            const __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
+            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            for (int k = 0; k < 4; k++) {  /* 8 weights each: (float)q * scale (+ offset), as the scalar loop */
+                __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k])),
+                                         _mm256_set1_ps(k < 2 ? s0 : s1));
+                if (qtype == QT_Q4_K) v = _mm256_add_ps(v, _mm256_set1_ps(off));
+                _mm256_storeu_ps(dst + b * 32 + k * 8, v);
+            }
+#else
+            int8_t w[32];
+            unpack32(row, qtype, b, w);
+            for (int j = 0; j < 32; j++) {
+                const float v = (float)w[j] * (j < 16 ? s0 : s1);
+                dst[b * 32 + j] = qtype == QT_Q4_K ? v + off : v;
+            }
+#endif
+        }
+    }
+}
