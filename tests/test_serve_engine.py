@@ -139,7 +139,8 @@ def test_echo_prompt_logprobs_match_a_full_forward(llm):
     assert lp[0] is None and len(lp) == len(ids)
     for i in range(1, len(ids)):
         assert lp[i].token == ids[i]
-        assert lp[i].logprob == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-4)
+        # float32 over two summation orders (the C layers' attention, PyTorch's SDPA): relative to the size
+        assert lp[i].logprob == pytest.approx(float(ref[i - 1, ids[i]]), rel=1e-5, abs=1e-4)
         assert [t for t, _ in lp[i].top] == ref[i - 1].topk(2).indices.tolist()
 
 
