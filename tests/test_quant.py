@@ -435,13 +435,13 @@ def test_repack_cache_second_load_reads_the_cache_and_matches(tmp_path, monkeypa
     config = tiny_config(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, config, random_state_dict(config), Q.Q4_K, metadata=_TOKENIZER)
-    first = LLM.load(path, quant="gguf-int8")
+    first = LLM.load(path, quant="gguf")
     cached = repack_cache.cache_path(path)
     assert cached.is_file() and cached.parent == tmp_path / "cache" / "repacked"
     calls = []
     import qwen15.weights.gguf as gguf_module
     monkeypatch.setattr(gguf_module, "load_gguf", lambda *a, **k: calls.append(a) or pytest.fail("decoded again"))
-    second = LLM.load(path, quant="gguf-int8")
+    second = LLM.load(path, quant="gguf")
     assert not calls
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.inference_mode():
@@ -457,20 +457,20 @@ def test_repack_cache_damaged_file_is_rebuilt_and_can_be_turned_off(tmp_path, mo
     config = tiny_config(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, config, random_state_dict(config), Q.Q8_0, metadata=_TOKENIZER)
-    reference = LLM.load(path, quant="gguf-int8")
+    reference = LLM.load(path, quant="gguf")
     cached = repack_cache.cache_path(path)
     cached.write_bytes(cached.read_bytes()[:1000])  # truncated
     assert repack_cache.load(path) is None and not cached.exists()
-    rebuilt = LLM.load(path, quant="gguf-int8")
+    rebuilt = LLM.load(path, quant="gguf")
     assert cached.is_file()
     ids = torch.tensor([[3, 1, 4]])
     with torch.inference_mode():
         assert torch.equal(reference.model(ids), rebuilt.model(ids))
     cached.unlink()
     monkeypatch.setenv("QWEN15_REPACK_CACHE", "0")
-    LLM.load(path, quant="gguf-int8")
+    LLM.load(path, quant="gguf")
     assert not cached.exists() and not list(cached.parent.glob("*.partial"))
-    LLM.load(path)  # the default keeps the file's blocks: nothing to convert, nothing cached
+    LLM.load(path, quant="gguf-packed")  # the file's blocks: nothing to convert, nothing cached
     assert not cached.exists()
 
 
@@ -506,7 +506,7 @@ def test_packed_types_and_shapes():
 
 
 def test_packed_model_equals_the_block_int8_model(tmp_path, monkeypatch, lib):
-    """quant="gguf" (the file's blocks, mixed types as a Q4_K_M file has them) and quant="gguf-int8"
+    """quant="gguf" (the file's blocks, mixed types as a Q4_K_M file has them) and quant="gguf"
     (everything converted) give the same logits bit for bit, through the C layers and through PyTorch."""
     from qwen15.engine.engine import LLM
     from qwen15.engine.kv_cache import KVCache
@@ -517,7 +517,7 @@ def test_packed_model_equals_the_block_int8_model(tmp_path, monkeypatch, lib):
     types = {"blk.0.attn_v.weight": Q.Q8_0, "blk.0.ffn_down.weight": Q.Q6_K, "blk.1.ffn_down.weight": Q.Q4_K,
              "output.weight": Q.Q8_0}
     write_tiny_gguf(path, config, random_state_dict(config), Q.Q5_0, qtypes=types, metadata=_TOKENIZER)
-    packed, converted = LLM.load(path), LLM.load(path, quant="gguf-int8")
+    packed, converted = LLM.load(path, quant="gguf-packed"), LLM.load(path)
     layer = packed.model.model.layers[0]
     assert layer.self_attn.qkv_proj.packed and layer.self_attn.qkv_proj.qtype == Q.Q8_0  # Q5_0 + Q8_0 stacked
     assert layer.mlp.gate_up_proj.qtype == Q.Q5_0 and layer.mlp.down_proj.qtype == Q.Q6_K

@@ -63,15 +63,15 @@ class _Run:
     accepted: int = 0
 
 
-# gguf: a GGUF's quantized matrices stay as the file stores them (Q8_0, Q5_0, Q4_0, Q4_K, Q6_K: read from the
-#   mmap by gguf_kernels.c; other types as block int8), and decode rounds activations to int8 per block
-#   of 32 (llama.cpp's way; perplexity within 0.5% of the exact path, tested);
-# gguf-int8: every quantized matrix converted to block int8 (1.1 bytes a weight; cached beside the models),
-#   same results as gguf bit for bit, more memory;
+# gguf: a GGUF's quantized matrices stay block-int8 (cached beside the models) and decode rounds activations
+#   to int8 per block of 32 (llama.cpp's way; perplexity within 0.5% of the exact path, tested);
+# gguf-packed: Q8_0, Q5_0, Q4_0, Q4_K and Q6_K stay as the file stores them (read from its mmap by
+#   gguf_kernels.c; other types block int8): the same results as gguf bit for bit in ~20% less memory,
+#   decode ~15% slower on a 2-core AVX2 machine (the unpacking costs more than the bytes it saves there);
 # gguf-f32: block int8 with float activations (exact up to summation order);
 # int8: dense checkpoints (HF safetensors, or a GGUF dequantized) quantized on load, group-wise int8;
 # none: every weight dequantized to the model dtype.
-QUANT_MODES = ("gguf", "gguf-int8", "gguf-f32", "int8", "none")
+QUANT_MODES = ("gguf", "gguf-packed", "gguf-f32", "int8", "none")
 
 
 def _release_large_frees() -> None:
@@ -103,8 +103,8 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
     if path.is_file():
         from ..weights.gguf import load_gguf
 
-        keep = quant in ("gguf", "gguf-int8", "gguf-f32") and str(device) == "cpu" and dtype == torch.float32
-        if keep and quant == "gguf":
+        keep = quant in ("gguf", "gguf-packed", "gguf-f32") and str(device) == "cpu" and dtype == torch.float32
+        if keep and quant == "gguf-packed":
             keep = "packed"  # nothing to convert, so nothing to cache
         cached = repack_cache.load(path) if keep is True and repack_cache.enabled() else None
         if cached is not None:  # the block-int8 arrays of an earlier load: skip decoding the file
