@@ -435,13 +435,13 @@ def test_repack_cache_second_load_reads_the_cache_and_matches(tmp_path, monkeypa
     config = tiny_config(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, config, random_state_dict(config), Q.Q4_K, metadata=_TOKENIZER)
-    first = LLM.load(path, quant="gguf")
+    first = LLM.load(path, quant="gguf-int8")
     cached = repack_cache.cache_path(path)
     assert cached.is_file() and cached.parent == tmp_path / "cache" / "repacked"
     calls = []
     import qwen15.weights.gguf as gguf_module
     monkeypatch.setattr(gguf_module, "load_gguf", lambda *a, **k: calls.append(a) or pytest.fail("decoded again"))
-    second = LLM.load(path, quant="gguf")
+    second = LLM.load(path, quant="gguf-int8")
     assert not calls
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.inference_mode():
@@ -457,21 +457,21 @@ def test_repack_cache_damaged_file_is_rebuilt_and_can_be_turned_off(tmp_path, mo
     config = tiny_config(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, config, random_state_dict(config), Q.Q8_0, metadata=_TOKENIZER)
-    reference = LLM.load(path, quant="gguf")
+    reference = LLM.load(path, quant="gguf-int8")
     cached = repack_cache.cache_path(path)
     cached.write_bytes(cached.read_bytes()[:1000])  # truncated
     assert repack_cache.load(path) is None and not cached.exists()
-    rebuilt = LLM.load(path, quant="gguf")
+    rebuilt = LLM.load(path, quant="gguf-int8")
     assert cached.is_file()
     ids = torch.tensor([[3, 1, 4]])
     with torch.inference_mode():
         assert torch.equal(reference.model(ids), rebuilt.model(ids))
     cached.unlink()
     monkeypatch.setenv("QWEN15_REPACK_CACHE", "0")
-    LLM.load(path, quant="gguf")
+    LLM.load(path, quant="gguf-int8")
     assert not cached.exists() and not list(cached.parent.glob("*.partial"))
-    LLM.load(path, quant="gguf-packed")  # the file's blocks: nothing to convert, nothing cached
-    assert not cached.exists()
+    LLM.load(path)  # the default (the file's blocks) has a cache of its own, also turned off
+    assert not cached.exists() and not repack_cache.cache_path(path, "packed").exists()
 
 
 # ---- GGUF blocks read as the file stores them (gguf_kernels.c) --------------------------------------
@@ -517,7 +517,11 @@ def test_packed_model_equals_the_block_int8_model(tmp_path, monkeypatch, lib):
     types = {"blk.0.attn_v.weight": Q.Q8_0, "blk.0.ffn_down.weight": Q.Q6_K, "blk.1.ffn_down.weight": Q.Q4_K,
              "output.weight": Q.Q8_0}
     write_tiny_gguf(path, config, random_state_dict(config), Q.Q5_0, qtypes=types, metadata=_TOKENIZER)
-    packed, converted = LLM.load(path, quant="gguf-packed"), LLM.load(path)
+    packed, converted = LLM.load(path), LLM.load(path, quant="gguf-int8")
+    from qwen15.quant import repack_cache
+
+    assert repack_cache.cache_path(path, "packed").is_file()
+    again = LLM.load(path)
     layer = packed.model.model.layers[0]
     assert layer.self_attn.qkv_proj.packed and layer.self_attn.qkv_proj.qtype == Q.Q8_0  # Q5_0 + Q8_0 stacked
     assert layer.mlp.gate_up_proj.qtype == Q.Q5_0 and layer.mlp.down_proj.qtype == Q.Q6_K
@@ -528,7 +532,7 @@ def test_packed_model_equals_the_block_int8_model(tmp_path, monkeypatch, lib):
     for native_layers in ("1", "0"):
         monkeypatch.setenv("QWEN15_NATIVE_LAYERS", native_layers)
         outs = []
-        for llm in (packed, converted):
+        for llm in (packed, converted, again):
             llm.model._native = None
             cache = KVCache(config, 16)
             with torch.inference_mode():
@@ -536,4 +540,4 @@ def test_packed_model_equals_the_block_int8_model(tmp_path, monkeypatch, lib):
                 steps = [llm.model(ids[:, i:i + 1], cache=cache, start_pos=i) for i in range(6, 9)]
             assert bool(llm.model._native) == (native_layers == "1")
             outs.append(torch.cat([first, *steps], dim=1))
-        assert torch.equal(*outs)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

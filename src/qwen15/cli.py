@@ -193,9 +193,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--context", type=int, default=None, help="context window in tokens (default: the model's)")
     p.add_argument("--no-compile", action="store_true", help="do not compile the decode step (on by default on CUDA)")
-    p.add_argument("--quant", choices=("gguf", "gguf-packed", "gguf-f32", "int8", "none"), default="gguf",
+    p.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf",
                    help="gguf: keep a .gguf file's quantized weights compact on CPU, int8 activations in decode "
-                        "(default); gguf-packed: as the file stores them (less memory, same results, slower decode); "
+                        "(default: as the file stores them); gguf-int8: all as block int8 (more memory, same results); "
                         "gguf-f32: block int8, float activations (exact); int8: quantize dense weights "
                         "(HF checkpoints) group-wise on load; none: dequantize to fp32")
     p.add_argument("--max-tokens", type=int, default=None, help="most new tokens (default: 256)")
@@ -238,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--draft", default=None, help="draft model: measure speculative decoding")
-    p.add_argument("--quant", choices=("gguf", "gguf-packed", "gguf-f32", "int8", "none"), default="gguf",
+    p.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf",
                    help="gguf: keep a .gguf file's quantized weights compact on CPU, int8 activations in decode "
-                        "(default); gguf-packed: as the file stores them (less memory, same results, slower decode); "
+                        "(default: as the file stores them); gguf-int8: all as block int8 (more memory, same results); "
                         "gguf-f32: block int8, float activations (exact); int8: quantize dense weights "
                         "(HF checkpoints) group-wise on load; none: dequantize to fp32")
     p.add_argument("--draft-tokens", type=int, default=4)
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--context", type=int, default=None, help="context window in tokens (default: the model's)")
-    p.add_argument("--quant", choices=("gguf", "gguf-packed", "gguf-f32", "int8", "none"), default="gguf",
+    p.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf",
                    help="weights on CPU: see `qwen15 generate --help`")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.set_defaults(func=cmd_serve)

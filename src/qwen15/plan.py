@@ -23,12 +23,11 @@ BYTES_PER_WEIGHT = {
     "int8": 1.0 + 2 / 32, "int4": 0.5 + 4 / 32,
     "q4_k_m": 4.85 / 8,
 }
-# Our compact layout for GGUF tensors (qwen15.quant, --quant gguf): int8 values + a float32 scale per block
-# (+ a float32 offset for types with mins); block 16 for Q6_K, 32 otherwise.
+# GGUF tensors at run time (qwen15.quant, --quant gguf): the types the kernels read as stored keep the
+# file's size; the others become block int8 (int8 values + a float32 scale and offset per block of 32).
 GGUF_RUNTIME_BYTES = {
-    "Q8_0": 1 + 4 / 32, "Q5_0": 1 + 4 / 32, "Q4_0": 1 + 4 / 32,
-    "Q5_1": 1 + 8 / 32, "Q4_1": 1 + 8 / 32, "Q4_K": 1 + 8 / 32, "Q5_K": 1 + 8 / 32,
-    "Q6_K": 1 + 4 / 16, "F32": 4.0, "F16": 4.0, "BF16": 4.0,
+    "Q8_0": 34 / 32, "Q5_0": 22 / 32, "Q4_0": 18 / 32, "Q4_K": 144 / 256, "Q6_K": 210 / 256,
+    "Q5_1": 1 + 8 / 32, "Q4_1": 1 + 8 / 32, "Q5_K": 1 + 8 / 32, "F32": 4.0, "F16": 4.0, "BF16": 4.0,
 }
 RUNTIME_OVERHEAD = {"cpu": 0.30 * GiB, "cuda": 0.60 * GiB}  # interpreter + torch (+ CUDA context)
 PREFILL_CHUNK = 512

@@ -63,15 +63,15 @@ class _Run:
     accepted: int = 0
 
 
-# gguf: a GGUF's quantized matrices stay block-int8 (cached beside the models) and decode rounds activations
-#   to int8 per block of 32 (llama.cpp's way; perplexity within 0.5% of the exact path, tested);
-# gguf-packed: Q8_0, Q5_0, Q4_0, Q4_K and Q6_K stay as the file stores them (read from its mmap by
-#   gguf_kernels.c; other types block int8): the same results as gguf bit for bit in ~20% less memory,
-#   decode ~15% slower on a 2-core AVX2 machine (the unpacking costs more than the bytes it saves there);
+# gguf: a GGUF's Q8_0, Q5_0, Q4_0, Q4_K and Q6_K matrices stay as the file stores them (gguf_kernels.c
+#   unpacks each block in registers; other types become block int8), and decode rounds activations to
+#   int8 per block of 32 (llama.cpp's way; perplexity within 0.5% of the exact path, tested);
+# gguf-int8: every quantized matrix converted to block int8 (quant/blocks.py): the same results bit for
+#   bit in ~20% more memory;
 # gguf-f32: block int8 with float activations (exact up to summation order);
 # int8: dense checkpoints (HF safetensors, or a GGUF dequantized) quantized on load, group-wise int8;
 # none: every weight dequantized to the model dtype.
-QUANT_MODES = ("gguf", "gguf-packed", "gguf-f32", "int8", "none")
+QUANT_MODES = ("gguf", "gguf-int8", "gguf-f32", "int8", "none")
 
 
 def _release_large_frees() -> None:
@@ -103,10 +103,11 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
     if path.is_file():
         from ..weights.gguf import load_gguf
 
-        keep = quant in ("gguf", "gguf-packed", "gguf-f32") and str(device) == "cpu" and dtype == torch.float32
-        if keep and quant == "gguf-packed":
-            keep = "packed"  # nothing to convert, so nothing to cache
-        cached = repack_cache.load(path) if keep is True and repack_cache.enabled() else None
+        keep = quant in ("gguf", "gguf-int8", "gguf-f32") and str(device) == "cpu" and dtype == torch.float32
+        if keep and quant == "gguf":
+            keep = "packed"
+        layout = "packed" if keep == "packed" else "int8"
+        cached = repack_cache.load(path, layout) if keep and repack_cache.enabled() else None
         if cached is not None:  # the block-int8 arrays of an earlier load: skip decoding the file
             from ..weights.gguf import config_from_gguf, open_gguf
 
@@ -117,8 +118,8 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
         else:
             config, state_dict, metadata = load_gguf(path, dtype=dtype, keep_quantized=keep)
             fuse_state(state_dict)  # cached fused, so a warm load builds the model without copying
-            if keep is True and repack_cache.enabled():
-                repack_cache.save(path, state_dict)
+            if keep and repack_cache.enabled():
+                repack_cache.save(path, state_dict, layout)
         tokenizer = Tokenizer.from_gguf_metadata(metadata)
     else:
         from ..weights.safetensors import load_safetensors

@@ -162,7 +162,7 @@ def add_eval_parser(sub) -> None:
     r.add_argument("--threads", type=int, default=None)
     r.add_argument("--context", type=int, default=None)
     r.add_argument("--device", default="cpu")
-    r.add_argument("--quant", choices=("gguf", "gguf-packed", "gguf-f32", "int8", "none"), default="gguf",
+    r.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf",
                    help="weights on CPU: see `qwen15 generate --help`")
     r.add_argument("--out", default=None, help="results folder (default: ~/.cache/qwen15/eval-runs)")
     r.add_argument("--no-progress", action="store_true")

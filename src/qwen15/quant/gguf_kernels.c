@@ -137,9 +137,19 @@ static inline void unpack32(const uint8_t *row, int qtype, int b, int8_t *w) {
     }
 }
 
+/* The weight scale of block b: read from its fp16 header for the 32-weight types (cheaper than a table
+   at one activation row), from the row's table for the K-quants (two a block for Q6_K). */
+static inline __attribute__((always_inline)) float weight_scale(const uint8_t *row, const float *sc, int qtype, int b) {
+    if (qtype == QT_Q4_0) return half_to_float(row + b * 18);
+    if (qtype == QT_Q5_0) return half_to_float(row + b * 22);
+    if (qtype == QT_Q8_0) return half_to_float(row + b * 34);
+    return sc[b];
+}
+
 #if Q8_ISA
 /* The same 32 weights in a register. */
-static inline __attribute__((always_inline)) __m256i unpack32_avx2(const uint8_t *row, int qtype, int b) {
+/* t = b % 8, passed apart so that loops over a K-quant's super-block, unrolled, make it a constant. */
+static inline __attribute__((always_inline)) __m256i unpack32_avx2(const uint8_t *row, int qtype, int b, int t) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     if (qtype == QT_Q8_0) return _mm256_loadu_si256((const __m256i *)(row + b * 34 + 2));
     if (qtype == QT_Q4_0 || qtype == QT_Q5_0) {
@@ -160,12 +170,12 @@ static inline __attribute__((always_inline)) __m256i unpack32_avx2(const uint8_t
         return _mm256_or_si256(nib, _mm256_andnot_si256(set, _mm256_set1_epi8((char)0xF0)));
     }
     if (qtype == QT_Q4_K) {
-        const __m256i q = _mm256_loadu_si256((const __m256i *)(row + (b / 8) * 144 + 16 + ((b % 8) / 2) * 32));
-        return (b % 2) ? _mm256_and_si256(_mm256_srli_epi16(q, 4), low4) : _mm256_and_si256(q, low4);
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(row + (b / 8) * 144 + 16 + (t / 2) * 32));
+        return (t % 2) ? _mm256_and_si256(_mm256_srli_epi16(q, 4), low4) : _mm256_and_si256(q, low4);
     }
     /* Q6_K */
     const uint8_t *sb = row + (b / 8) * 210;
-    const int t = b % 8, g = t / 4, r0 = (t % 4) * 32;
+    const int g = t / 4, r0 = (t % 4) * 32;
     __m256i lo = _mm256_loadu_si256((const __m256i *)(sb + g * 64 + (r0 & 63)));
     if (r0 >= 64) lo = _mm256_srli_epi16(lo, 4);
     lo = _mm256_and_si256(lo, low4);
@@ -180,10 +190,39 @@ static inline __attribute__((always_inline)) __m256i unpack32_avx2(const uint8_t
     return _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
 }
 
-/* The scale(s) of block b from the row's table (two a block for Q6_K) times the activation scale d. */
+/* The scale(s) of block b times the activation scale d. */
 static inline __attribute__((always_inline)) __m256 packed_scale(const float *sc, int qtype, int b, float d) {
     if (qtype != QT_Q6_K) return _mm256_set1_ps(sc[b] * d);
     return _mm256_set_m128(_mm_set1_ps(sc[2 * b + 1] * d), _mm_set1_ps(sc[2 * b] * d));
+}
+
+/* 32 weights . 32 activations as q8_tile's dot32. Q4_K's weights are never negative, so the sign
+   trick is the identity there (sign_epi8 zeroes x only where w is 0, whose products are 0 anyway). */
+static inline __attribute__((always_inline)) __m256 packed_dot(int qtype, __m256i aw, __m256i w, __m256i xq) {
+    if (qtype == QT_Q4_K)
+        return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xq), _mm256_set1_epi16(1)));
+    return dot32(aw, w, xq);
+}
+
+/* Blocks b and b + 1 (t = b % 8) into the two accumulator chains, as q8_tile's loop body. */
+static inline __attribute__((always_inline)) void packed_pair(
+        const uint8_t *row, int qtype, const float *sc, const int8_t *xq, const float *dx, int K, int MT,
+        int b, int t, __m256 *acc, __m256 *acc2) {
+    const int nb32 = K / 32;
+    const __m256i w0 = unpack32_avx2(row, qtype, b, t), w1 = unpack32_avx2(row, qtype, b + 1, t + 1);
+    const __m256i a0 = qtype == QT_Q4_K ? w0 : _mm256_sign_epi8(w0, w0);
+    const __m256i a1 = qtype == QT_Q4_K ? w1 : _mm256_sign_epi8(w1, w1);
+    float s[4];  /* the pair's scales laid out as the table's: packed_scale(s, qtype, 0 or 1, d) */
+    if (qtype == QT_Q6_K) { s[0] = sc[2 * b]; s[1] = sc[2 * b + 1]; s[2] = sc[2 * b + 2]; s[3] = sc[2 * b + 3]; }
+    else { s[0] = weight_scale(row, sc, qtype, b); s[1] = weight_scale(row, sc, qtype, b + 1); }
+    for (int m = 0; m < MT; m++) {
+        const int8_t *xp = xq + (size_t)m * K + b * 32;
+        const float *dp = dx + (size_t)m * nb32 + b;
+        acc[m] = _mm256_fmadd_ps(packed_dot(qtype, a0, w0, _mm256_loadu_si256((const __m256i *)xp)),
+                                 packed_scale(s, qtype, 0, dp[0]), acc[m]);
+        acc2[m] = _mm256_fmadd_ps(packed_dot(qtype, a1, w1, _mm256_loadu_si256((const __m256i *)(xp + 32))),
+                                  packed_scale(s, qtype, 1, dp[1]), acc2[m]);
+    }
 }
 
 /* One weight row times MT int8 activation rows: q8_tile's arithmetic, with the weights unpacked here. */
@@ -193,26 +232,22 @@ static inline __attribute__((always_inline)) void packed_tile(
     const int nb32 = K / 32;
     __m256 acc[TILE], acc2[TILE];
     for (int m = 0; m < MT; m++) acc[m] = acc2[m] = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 1 < nb32; b += 2) {
-        const __m256i w0 = unpack32_avx2(row, qtype, b), w1 = unpack32_avx2(row, qtype, b + 1);
-        const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);
-        for (int m = 0; m < MT; m++) {
-            const int8_t *xp = xq + (size_t)m * K + b * 32;
-            const float *dp = dx + (size_t)m * nb32 + b;
-            acc[m] = _mm256_fmadd_ps(dot32(a0, w0, _mm256_loadu_si256((const __m256i *)xp)),
-                                     packed_scale(sc, qtype, b, dp[0]), acc[m]);
-            acc2[m] = _mm256_fmadd_ps(dot32(a1, w1, _mm256_loadu_si256((const __m256i *)(xp + 32))),
-                                      packed_scale(sc, qtype, b + 1, dp[1]), acc2[m]);
+    if (qtype == QT_Q4_K || qtype == QT_Q6_K) {  /* whole super-blocks of 8 blocks */
+        for (int sb = 0; sb < nb32 / 8; sb++) {
+#pragma GCC unroll 4
+            for (int t = 0; t < 8; t += 2) packed_pair(row, qtype, sc, xq, dx, K, MT, sb * 8 + t, t, acc, acc2);
         }
-    }
-    if (b < nb32) {
-        const __m256i w0 = unpack32_avx2(row, qtype, b);
-        const __m256i a0 = _mm256_sign_epi8(w0, w0);
-        for (int m = 0; m < MT; m++) {
-            const int8_t *xp = xq + (size_t)m * K + b * 32;
-            acc[m] = _mm256_fmadd_ps(dot32(a0, w0, _mm256_loadu_si256((const __m256i *)xp)),
-                                     packed_scale(sc, qtype, b, dx[(size_t)m * nb32 + b]), acc[m]);
+    } else {
+        int b = 0;
+        for (; b + 1 < nb32; b += 2) packed_pair(row, qtype, sc, xq, dx, K, MT, b, 0, acc, acc2);
+        if (b < nb32) {
+            const __m256i w0 = unpack32_avx2(row, qtype, b, 0);
+            const __m256i a0 = _mm256_sign_epi8(w0, w0);
+            for (int m = 0; m < MT; m++) {
+                const int8_t *xp = xq + (size_t)m * K + b * 32;
+                acc[m] = _mm256_fmadd_ps(dot32(a0, w0, _mm256_loadu_si256((const __m256i *)xp)),
+                                         _mm256_set1_ps(weight_scale(row, sc, qtype, b) * dx[(size_t)m * nb32 + b]), acc[m]);
+            }
         }
     }
     for (int m = 0; m < MT; m++) {
@@ -233,7 +268,7 @@ static inline void packed_tile(const uint8_t *row, int qtype, const float *sc, c
     for (int m = 0; m < MT; m++) out[m] = 0.f;
     for (int b = 0; b < nb32; b++) {
         unpack32(row, qtype, b, w);
-        const float *s = qtype == QT_Q6_K ? sc + 2 * b : sc + b;
+        const float s32 = weight_scale(row, sc, qtype, b), *s = qtype == QT_Q6_K ? sc + 2 * b : &s32;
         const int B = qtype == QT_Q6_K ? 16 : 32;
         for (int m = 0; m < MT; m++) {
             const int8_t *xp = xq + (size_t)m * K + b * 32;
@@ -255,8 +290,9 @@ static inline __attribute__((always_inline)) void packed_row_t(
         const int qtype, float *y, long ldy) {
     const uint8_t *row = raw + (size_t)o * gguf_row_bytes(qtype, K);
     const int nb = K / 32;
-    float out[TILE], sc[2 * nb], offs[nb];  /* the row's scales and offsets, decoded once for all M rows */
-    row_params(row, qtype, nb, sc, offs);
+    const int kq = qtype == QT_Q4_K || qtype == QT_Q6_K;
+    float out[TILE], sc[kq ? 2 * nb : 1], offs[kq ? nb : 1];  /* K-quants: the row's scales and offsets, decoded once */
+    if (kq) row_params(row, qtype, nb, sc, offs);
     for (int m0 = 0; m0 < M; m0 += TILE) {
         const int mt = M - m0 < TILE ? M - m0 : TILE;
         const int8_t *xm = xq + (size_t)m0 * K;
@@ -324,7 +360,7 @@ void gguf_dequantize(const uint8_t *raw, int qtype, int O, int K, float *out, in
             const float s0 = qtype == QT_Q6_K ? sc[2 * b] : sc[b], s1 = qtype == QT_Q6_K ? sc[2 * b + 1] : s0;
             const float off = qtype == QT_Q4_K ? offs[b] : 0.f;
 #if Q8_ISA
-            const __m256i w = unpack32_avx2(row, qtype, b);
+            const __m256i w = unpack32_avx2(row, qtype, b, b % 8);
             const __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
             const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
             for (int k = 0; k < 4; k++) {  /* 8 weights each: (float)q * scale (+ offset), as the scalar loop */

@@ -16,44 +16,52 @@ from pathlib import Path
 
 import torch
 
-from .blocks import BlockInt8
+from .blocks import BlockInt8, GGUFBlocks
 
-LAYOUT_VERSION = 2  # bump when BlockInt8, the conversion or the fusing changes
+LAYOUT_VERSION = 3  # bump when BlockInt8, GGUFBlocks, the conversion or the fusing changes
 
 
 def enabled() -> bool:
     return os.environ.get("QWEN15_REPACK_CACHE", "1") != "0"
 
 
-def cache_path(gguf: Path) -> Path:
+def cache_path(gguf: Path, layout: str = "int8") -> Path:
+    """layout: "int8" (everything block int8) or "packed" (the file's blocks, fused)."""
     from ..weights.packaged import cache_dir
 
     st = gguf.stat()
-    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{LAYOUT_VERSION}"
+    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{LAYOUT_VERSION}|{layout}"
     return cache_dir() / "repacked" / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
-def save(gguf: Path, state: dict[str, torch.Tensor | BlockInt8]) -> Path | None:
-    """Write state (dense tensors and BlockInt8) for this GGUF; None when the cache cannot be written."""
+def save(gguf: Path, state: dict[str, torch.Tensor | BlockInt8 | GGUFBlocks], layout: str = "int8") -> Path | None:
+    """Write state (dense tensors, BlockInt8 and GGUFBlocks) for this GGUF; None when the cache cannot be
+    written. GGUF blocks are stored too: the fused q/k/v and gate/up are copies, and reading them back
+    is faster than stacking them again."""
     from safetensors.torch import save_file
 
     flat: dict[str, torch.Tensor] = {}
     blocks: dict[str, int] = {}
+    packed: dict[str, list[int]] = {}
     for name, value in state.items():
-        if isinstance(value, BlockInt8):
+        if isinstance(value, GGUFBlocks):
+            packed[name] = [value.qtype, value.in_features]
+            flat[f"{name}::raw"] = value.raw.contiguous()
+        elif isinstance(value, BlockInt8):
             blocks[name] = value.block
             flat[f"{name}::q"], flat[f"{name}::scale"] = value.q.contiguous(), value.scale.contiguous()
             if value.offset is not None:
                 flat[f"{name}::offset"] = value.offset.contiguous()
         else:
             flat[name] = value.contiguous()
-    target = cache_path(gguf)
+    target = cache_path(gguf, layout)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".partial", dir=target.parent)
         os.close(fd)
         try:
-            save_file(flat, tmp, metadata={"blocks": json.dumps(blocks), "layout": str(LAYOUT_VERSION)})
+            save_file(flat, tmp, metadata={"blocks": json.dumps(blocks), "packed": json.dumps(packed),
+                                           "layout": str(LAYOUT_VERSION)})
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -63,11 +71,11 @@ def save(gguf: Path, state: dict[str, torch.Tensor | BlockInt8]) -> Path | None:
     return target
 
 
-def load(gguf: Path) -> dict[str, torch.Tensor | BlockInt8] | None:
+def load(gguf: Path, layout: str = "int8") -> dict[str, torch.Tensor | BlockInt8 | GGUFBlocks] | None:
     """The cached state for this GGUF, or None (absent, or unreadable: then it is deleted)."""
     from safetensors import safe_open
 
-    path = cache_path(gguf)
+    path = cache_path(gguf, layout)
     if not path.is_file():
         return None
     try:
@@ -76,8 +84,11 @@ def load(gguf: Path) -> dict[str, torch.Tensor | BlockInt8] | None:
             if meta.get("layout") != str(LAYOUT_VERSION):
                 raise ValueError("layout version")
             blocks = json.loads(meta["blocks"])
+            packed = json.loads(meta.get("packed", "{}"))
             flat = {k: f.get_tensor(k) for k in f.keys()}
-        state: dict[str, torch.Tensor | BlockInt8] = {k: v for k, v in flat.items() if "::" not in k}
+        state: dict[str, torch.Tensor | BlockInt8 | GGUFBlocks] = {k: v for k, v in flat.items() if "::" not in k}
+        for name, (qtype, in_features) in packed.items():
+            state[name] = GGUFBlocks(flat[f"{name}::raw"], int(qtype), int(in_features))
         for name, block in blocks.items():
             state[name] = BlockInt8(q=flat[f"{name}::q"], scale=flat[f"{name}::scale"],
                                     offset=flat.get(f"{name}::offset"), block=int(block))
