@@ -67,7 +67,8 @@ async def stream_one(client: httpx.AsyncClient, prompt: str, max_tokens: int, *,
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    out = {"status": None, "ttft": None, "tokens": 0, "t0": t0, "first": None, "last": None, "hung_up": False}
+    out = {"status": None, "ttft": None, "tokens": 0, "t0": t0, "first": None, "last": None, "hung_up": False,
+           "times": []}
     async with client.stream("POST", "/v1/completions", json=body) as r:
         out["status"] = r.status_code
         if r.status_code != 200:
@@ -85,6 +86,7 @@ async def stream_one(client: httpx.AsyncClient, prompt: str, max_tokens: int, *,
                 if out["first"] is None:
                     out["first"], out["ttft"] = now, now - t0
                 out["last"] = now
+                out["times"].append(now)
                 events += 1
                 if hang_up_after is not None and events >= hang_up_after:
                     out["hung_up"] = True
@@ -110,8 +112,15 @@ async def concurrency_phase(client, clients: int, prompt_words: int, gen_tokens:
     ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
     # Decode rate: tokens after each client's first, over the span from the first first-token to the last token.
     span = max(r["last"] for r in results) - min(r["first"] for r in results)
+    # Steady state: from the moment every client has its first token to the moment the first one ends,
+    # all are decoding and none is prefilling: the tokens streamed in that window over its length.
+    start, end = max(r["first"] for r in results), min(r["last"] for r in results)
+    steady = sum(start < t <= end for r in results for t in r["times"]) / (end - start) if end > start else float("nan")
+    for r in results:
+        del r["times"]
     return {"clients": clients, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
             "decode_tok_s": sum(r["tokens"] - 1 for r in results) / span if span > 0 else float("nan"),
+            "steady_decode_tok_s": steady,
             "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
             "errors": sum(r["status"] != 200 for r in results)}
 
@@ -195,6 +204,8 @@ def write_table(results: dict, args, path: Path) -> str:
         f"| 1 client: decode tok/s | {c1['decode_tok_s']:.2f} |",
         f"| {c16['clients']} clients: aggregate decode tok/s | {c16['decode_tok_s']:.2f} |",
         f"| aggregate / single (target >= 4x) | {c16['decode_tok_s'] / c1['decode_tok_s']:.2f}x |",
+        f"| {c16['clients']} clients, steady state (all decoding, none prefilling): aggregate decode tok/s | "
+        f"{c16['steady_decode_tok_s']:.2f} ({c16['steady_decode_tok_s'] / c1['decode_tok_s']:.2f}x single) |",
         f"| {c16['clients']} clients: end-to-end tok/s (incl. prefill) | {c16['tok_s']:.2f} (1 client: {c1['tok_s']:.2f}) |",
         f"| {c16['clients']} clients: TTFT p50 / p99 s | {c16['ttft_p50']:.2f} / {c16['ttft_p99']:.2f} |",
         f"| 1 client: TTFT s | {c1['ttft_p50']:.2f} |",
