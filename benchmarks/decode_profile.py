@@ -65,9 +65,9 @@ def main() -> None:
         F.scaled_dot_product_attention = timed(F.scaled_dot_product_attention, "attention")
         for m in model.modules():
             if isinstance(m, modules.QuantLinear):
-                weight_bytes += m.blocks.nbytes
+                weight_bytes += m.nbytes  # as held: the file's blocks or block int8
         if model.lm_head is None and isinstance(model.model.embed_tokens, modules.QuantEmbedding):
-            weight_bytes += model.model.embed_tokens.blocks.nbytes  # the tied head reads the whole table
+            weight_bytes += model.model.embed_tokens.nbytes  # the tied head reads the whole table
         for k in spent:
             spent[k] = 0.0
         start = time.perf_counter()

@@ -58,30 +58,8 @@ static inline void k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
     }
 }
 
-/* Scale(s) and offset of 32-block b of a row: s[0] for the block (s[0], s[1] for Q6_K's two halves). */
-static inline __attribute__((always_inline)) void block_params(const uint8_t *row, int qtype, int b, float *s,
-                                                              float *off) {
-    *off = 0.f;
-    if (qtype == QT_Q4_0) s[0] = half_to_float(row + b * 18);
-    else if (qtype == QT_Q5_0) s[0] = half_to_float(row + b * 22);
-    else if (qtype == QT_Q8_0) s[0] = half_to_float(row + b * 34);
-    else if (qtype == QT_Q4_K) {
-        const uint8_t *sb = row + (b / 8) * 144;
-        int sc, mn;
-        k_scale_min(sb + 4, b % 8, &sc, &mn);
-        s[0] = half_to_float(sb) * (float)sc;
-        *off = -(half_to_float(sb + 2) * (float)mn);
-    } else {  /* Q6_K */
-        const uint8_t *sb = row + (b / 8) * 210;
-        const float d = half_to_float(sb + 208);
-        const int8_t *scales = (const int8_t *)(sb + 192);
-        s[0] = d * (float)scales[(b % 8) * 2];
-        s[1] = d * (float)scales[(b % 8) * 2 + 1];
-    }
-}
-
-/* Every block's scale(s) and offset of a row at once (block_params for b = 0 .. nb-1): the fp16 factors of
-   a K-quant super-block are converted once for its 8 blocks. */
+/* Every block's scale(s) and offset of a row: s[b] (s[2b], s[2b+1] for Q6_K's halves of 16) and, for Q4_K,
+   offs[b]. The fp16 factors of a K-quant super-block are converted once for its 8 blocks. */
 static inline __attribute__((always_inline)) void row_params(const uint8_t *row, const int qtype, int nb,
                                                             float *sc, float *offs) {
     if (qtype == QT_Q4_K) {

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .blocks import BlockInt8, GGUFBlocks, dequantize, to_blockint8
+from .blocks import BlockInt8, GGUFBlocks, dequantize
 
 SOURCE = Path(__file__).with_name("kernels.c")
 INCLUDED = (SOURCE.with_name("gguf_kernels.c"), SOURCE.with_name("layers.c"))  # #included by kernels.c
@@ -160,7 +160,7 @@ def _panel_buffer(numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
-def matmul_panels(x: torch.Tensor, w: BlockInt8, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+def matmul_panels(x: torch.Tensor, w: BlockInt8 | GGUFBlocks, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [M, K] float32 @ W.T for large M (prefill): the C code dequantizes panels of W's rows in one pass
     each and BLAS multiplies them. The same float ops as matmul_torch, with the float copy of W written
     once per panel instead of in several whole-matrix passes."""
