@@ -103,11 +103,10 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
     if path.is_file():
         from ..weights.gguf import load_gguf
 
-        keep = quant in ("gguf", "gguf-int8", "gguf-f32") and str(device) == "cpu" and dtype == torch.float32
-        if keep and quant == "gguf":
-            keep = "packed"
-        layout = "packed" if keep == "packed" else "int8"
-        cached = repack_cache.load(path, layout) if keep and repack_cache.enabled() else None
+        # The compact layout kept in memory (None: dequantize); also the name of its repack cache.
+        layout = {"gguf": "packed", "gguf-int8": "int8", "gguf-f32": "int8"}.get(quant) \
+            if str(device) == "cpu" and dtype == torch.float32 else None
+        cached = repack_cache.load(path, layout) if layout and repack_cache.enabled() else None
         if cached is not None:  # the block-int8 arrays of an earlier load: skip decoding the file
             from ..weights.gguf import config_from_gguf, open_gguf
 
@@ -116,9 +115,10 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
             config = config_from_gguf(metadata, {t.name: t.torch_shape for t in f.tensors}, path)
             state_dict = cached
         else:
+            keep = {"packed": "packed", "int8": True}.get(layout, False)
             config, state_dict, metadata = load_gguf(path, dtype=dtype, keep_quantized=keep)
             fuse_state(state_dict)  # cached fused, so a warm load builds the model without copying
-            if keep and repack_cache.enabled():
+            if layout and repack_cache.enabled():
                 repack_cache.save(path, state_dict, layout)
         tokenizer = Tokenizer.from_gguf_metadata(metadata)
     else:

@@ -128,14 +128,21 @@ def _decode(blocks: np.ndarray, qtype: Q) -> tuple[np.ndarray, np.ndarray, np.nd
     raise NotImplementedError(qtype)
 
 
-def from_gguf(raw: np.ndarray, qtype: Q, torch_shape: tuple[int, ...]) -> BlockInt8 | None:
-    """A GGUF tensor's bytes as BlockInt8, or None when its type (or rank) does not convert."""
-    if qtype not in CONVERTIBLE or len(torch_shape) != 2:
+def _matrix_layout(qtype: Q, torch_shape: tuple[int, ...], types: tuple) -> tuple[int, int, int, int] | None:
+    """(O, K, weights a block, bytes a block) of a 2-D tensor of one of `types` whose rows are whole blocks."""
+    if qtype not in types or len(torch_shape) != 2:
         return None
     O, K = torch_shape
     qk, type_size = GGML_QUANT_SIZES[qtype]
-    if K % qk:
+    return None if K % qk else (O, K, qk, type_size)
+
+
+def from_gguf(raw: np.ndarray, qtype: Q, torch_shape: tuple[int, ...]) -> BlockInt8 | None:
+    """A GGUF tensor's bytes as BlockInt8, or None when its type (or rank) does not convert."""
+    layout = _matrix_layout(qtype, torch_shape, CONVERTIBLE)
+    if layout is None:
         return None
+    O, K, qk, type_size = layout
     blocks = np.asarray(raw).reshape(-1, type_size)
     n = blocks.shape[0]
     # Decoded in slices into preallocated outputs: the decoders' temporaries (up to 4 bytes a weight)
@@ -190,12 +197,10 @@ class GGUFBlocks:
 def packed_from_gguf(raw: np.ndarray, qtype: Q, torch_shape: tuple[int, ...], mapped: bool = False) -> GGUFBlocks | None:
     """A GGUF tensor's bytes, uncopied, as GGUFBlocks; None when the kernels do not take its type or shape.
     mapped: raw is a view of a read-only file mmap (load_gguf's), whose pages drop_pages may release."""
-    if qtype not in PACKED or len(torch_shape) != 2:
+    layout = _matrix_layout(qtype, torch_shape, PACKED)
+    if layout is None:
         return None
-    O, K = torch_shape
-    qk, type_size = GGML_QUANT_SIZES[qtype]
-    if K % qk:
-        return None
+    O, K, qk, type_size = layout
     rows = np.asarray(raw).reshape(O, K // qk * type_size)
     import warnings
 

@@ -228,13 +228,7 @@ static inline __attribute__((always_inline)) void packed_tile(
             }
         }
     }
-    for (int m = 0; m < MT; m++) {
-        __m256 v = _mm256_add_ps(acc[m], acc2[m]);
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        out[m] = _mm_cvtss_f32(s);
-    }
+    for (int m = 0; m < MT; m++) out[m] = hsum256(_mm256_add_ps(acc[m], acc2[m]));
 }
 
 #else

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 
 from .blocks import BlockInt8, GGUFBlocks, dequantize
 
@@ -127,7 +128,6 @@ def dequantize_any(w: BlockInt8 | GGUFBlocks) -> torch.Tensor:
     lib = load_library()
     O, K = w.shape
     if lib is None:
-        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize as gguf_dequantize
 
         return torch.from_numpy(gguf_dequantize(w.raw.numpy(), GGMLQuantizationType(w.qtype)).reshape(O, K))
@@ -249,7 +249,7 @@ class KernelCall:
         self.O, self.K = w.shape
         if isinstance(w, GGUFBlocks):  # int8 activations only: "f32" (exact) goes through dequantize + BLAS
             self.q, self.block, self.max_rows = w.raw, 32, NATIVE_MAX_ROWS["q8"] if activations == "q8" else 0
-            self.fn, self.sums = lib.gguf_matmul_q8, w.qtype == 12  # Q4_K: offsets need sum(x) a block
+            self.fn, self.sums = lib.gguf_matmul_q8, w.qtype == GGMLQuantizationType.Q4_K  # offsets need sum(x)
             self._keep = (w.raw,)
             self.args = (w.raw.data_ptr(), w.qtype, self.O)
             return
