@@ -59,25 +59,51 @@ static inline void k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
 }
 
 /* Every block's scale(s) and offset of a row: s[b] (s[2b], s[2b+1] for Q6_K's halves of 16) and, for Q4_K,
-   offs[b]. The fp16 factors of a K-quant super-block are converted once for its 8 blocks. */
+   offs[b]. The fp16 factors of a K-quant super-block are converted once for its 8 blocks. At one activation
+   row this is a third of a K-quant row's work, so the vector path decodes a super-block's scales at once
+   (the same products, so the same bits as the scalar loop). */
 static inline __attribute__((always_inline)) void row_params(const uint8_t *row, const int qtype, int nb,
                                                             float *sc, float *offs) {
     if (qtype == QT_Q4_K) {
         for (int sbi = 0; sbi < nb / 8; sbi++) {
             const uint8_t *sb = row + sbi * 144;
             const float d = half_to_float(sb), dmin = half_to_float(sb + 2);
+#if defined(__AVX2__)
+            /* the 12 bytes as three words; rearranged so that bytes 0-7 are the scales, 8-15 the mins */
+            uint32_t u[4];
+            memcpy(u, sb + 4, 12);
+            u[3] = ((u[2] >> 4) & 0x0F0F0F0Fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+            const uint32_t mins_lo = u[1] & 0x3F3F3F3Fu;
+            u[1] = (u[2] & 0x0F0F0F0Fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+            u[2] = mins_lo;
+            u[0] &= 0x3F3F3F3Fu;
+            const __m128i b16 = _mm_loadu_si128((const __m128i *)u);
+            const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b16));
+            const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b16, 8)));
+            _mm256_storeu_ps(sc + sbi * 8, _mm256_mul_ps(_mm256_set1_ps(d), c));
+            _mm256_storeu_ps(offs + sbi * 8, _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), m), _mm256_set1_ps(-0.f)));
+#else
             for (int j = 0; j < 8; j++) {
                 int c, m;
                 k_scale_min(sb + 4, j, &c, &m);
                 sc[sbi * 8 + j] = d * (float)c;
                 offs[sbi * 8 + j] = -(dmin * (float)m);
             }
+#endif
         }
     } else if (qtype == QT_Q6_K) {
         for (int sbi = 0; sbi < nb / 8; sbi++) {
             const uint8_t *sb = row + sbi * 210;
             const float d = half_to_float(sb + 208);
+#if defined(__AVX2__)
+            const __m128i s8 = _mm_loadu_si128((const __m128i *)(sb + 192));
+            const __m256 dv = _mm256_set1_ps(d);
+            _mm256_storeu_ps(sc + sbi * 16, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8))));
+            _mm256_storeu_ps(sc + sbi * 16 + 8,
+                             _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8)))));
+#else
             for (int j = 0; j < 16; j++) sc[sbi * 16 + j] = d * (float)((const int8_t *)(sb + 192))[j];
+#endif
         }
     } else {
         const int stride = qtype == QT_Q4_0 ? 18 : qtype == QT_Q5_0 ? 22 : 34;
@@ -125,9 +151,16 @@ static inline __attribute__((always_inline)) float weight_scale(const uint8_t *r
 }
 
 #if Q8_ISA
-/* The same 32 weights in a register. */
-/* t = b % 8, passed apart so that loops over a K-quant's super-block, unrolled, make it a constant. */
-static inline __attribute__((always_inline)) __m256i unpack32_avx2(const uint8_t *row, int qtype, int b, int t) {
+/* What Q4_0, Q5_0 and Q6_K store is the weight plus this offset (0 <= stored < 2 * offset); 0 for the others. */
+static inline int type_offset(int qtype) {
+    return qtype == QT_Q4_0 ? 8 : qtype == QT_Q5_0 ? 16 : qtype == QT_Q6_K ? 32 : 0;
+}
+
+/* The same 32 weights in a register; with stored = 1, the types with an offset give the unsigned values as
+   stored (w + type_offset) instead.
+   t = b % 8, passed apart so that loops over a K-quant's super-block, unrolled, make it a constant. */
+static inline __attribute__((always_inline)) __m256i unpack32_avx2(const uint8_t *row, int qtype, int b, int t,
+                                                                   const int stored) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     if (qtype == QT_Q8_0) return _mm256_loadu_si256((const __m256i *)(row + b * 34 + 2));
     if (qtype == QT_Q4_0 || qtype == QT_Q5_0) {
@@ -135,7 +168,7 @@ static inline __attribute__((always_inline)) __m256i unpack32_avx2(const uint8_t
         const __m128i bytes = _mm_loadu_si128((const __m128i *)qs);
         const __m256i nib = _mm256_and_si256(
             _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low4);  /* elements 0-15 low, 16-31 high nibbles */
-        if (qtype == QT_Q4_0) return _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
+        if (qtype == QT_Q4_0) return stored ? nib : _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
         /* Q5_0: bit j of qh is the fifth bit of element j. Spread the 32 bits to bytes (byte j of the
            broadcast word holds bits 8*(j/8)..), test each byte's bit, then w = nib - 16 + 16 * bit,
            i.e. nib | 0xF0 where the bit is clear. */
@@ -145,6 +178,7 @@ static inline __attribute__((always_inline)) __m256i unpack32_avx2(const uint8_t
             _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000));
         const __m256i bit = _mm256_set1_epi64x(0x8040201008040201);
         const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        if (stored) return _mm256_or_si256(nib, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
         return _mm256_or_si256(nib, _mm256_andnot_si256(set, _mm256_set1_epi8((char)0xF0)));
     }
     if (qtype == QT_Q4_K) {
@@ -165,7 +199,7 @@ static inline __attribute__((always_inline)) __m256i unpack32_avx2(const uint8_t
         default: break;
     }
     hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
-    return _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
+    return stored ? _mm256_or_si256(lo, hi) : _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
 }
 
 /* The scale(s) of block b times the activation scale d. */
@@ -182,17 +216,35 @@ static inline __attribute__((always_inline)) __m256 packed_dot(int qtype, __m256
     return dot32(aw, w, xq);
 }
 
+/* The same products from the stored values u = w + c: maddubs(u, x) - maddubs(c, x) gives every int16 pair
+   sum of w * x that the sign trick gives (u * x pairs reach 63 * 127 * 2, c * x pairs 32 * 254: no
+   saturation), so the same bits, without the two sign operations. One more maddubs per activation row,
+   so it pays only at one row (decode). */
+static inline __attribute__((always_inline)) __m256 stored_dot(__m256i u, int c, __m256i xq) {
+    const __m256i p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(u, xq), _mm256_maddubs_epi16(_mm256_set1_epi8((char)c), xq));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
 /* Blocks b and b + 1 (t = b % 8) into the two accumulator chains, as q8_tile's loop body. */
 static inline __attribute__((always_inline)) void packed_pair(
         const uint8_t *row, int qtype, const float *sc, const int8_t *xq, const float *dx, int K, int MT,
         int b, int t, __m256 *acc, __m256 *acc2) {
     const int nb32 = K / 32;
-    const __m256i w0 = unpack32_avx2(row, qtype, b, t), w1 = unpack32_avx2(row, qtype, b + 1, t + 1);
-    const __m256i a0 = qtype == QT_Q4_K ? w0 : _mm256_sign_epi8(w0, w0);
-    const __m256i a1 = qtype == QT_Q4_K ? w1 : _mm256_sign_epi8(w1, w1);
     float s[4];  /* the pair's scales laid out as the table's: packed_scale(s, qtype, 0 or 1, d) */
     if (qtype == QT_Q6_K) { s[0] = sc[2 * b]; s[1] = sc[2 * b + 1]; s[2] = sc[2 * b + 2]; s[3] = sc[2 * b + 3]; }
     else { s[0] = weight_scale(row, sc, qtype, b); s[1] = weight_scale(row, sc, qtype, b + 1); }
+    const int c = type_offset(qtype);
+    if (MT == 1 && c) {
+        const __m256i u0 = unpack32_avx2(row, qtype, b, t, 1), u1 = unpack32_avx2(row, qtype, b + 1, t + 1, 1);
+        acc[0] = _mm256_fmadd_ps(stored_dot(u0, c, _mm256_loadu_si256((const __m256i *)(xq + b * 32))),
+                                 packed_scale(s, qtype, 0, dx[b]), acc[0]);
+        acc2[0] = _mm256_fmadd_ps(stored_dot(u1, c, _mm256_loadu_si256((const __m256i *)(xq + b * 32 + 32))),
+                                  packed_scale(s, qtype, 1, dx[b + 1]), acc2[0]);
+        return;
+    }
+    const __m256i w0 = unpack32_avx2(row, qtype, b, t, 0), w1 = unpack32_avx2(row, qtype, b + 1, t + 1, 0);
+    const __m256i a0 = qtype == QT_Q4_K ? w0 : _mm256_sign_epi8(w0, w0);
+    const __m256i a1 = qtype == QT_Q4_K ? w1 : _mm256_sign_epi8(w1, w1);
     for (int m = 0; m < MT; m++) {
         const int8_t *xp = xq + (size_t)m * K + b * 32;
         const float *dp = dx + (size_t)m * nb32 + b;
@@ -219,7 +271,7 @@ static inline __attribute__((always_inline)) void packed_tile(
         int b = 0;
         for (; b + 1 < nb32; b += 2) packed_pair(row, qtype, sc, xq, dx, K, MT, b, 0, acc, acc2);
         if (b < nb32) {
-            const __m256i w0 = unpack32_avx2(row, qtype, b, 0);
+            const __m256i w0 = unpack32_avx2(row, qtype, b, 0, 0);
             const __m256i a0 = _mm256_sign_epi8(w0, w0);
             for (int m = 0; m < MT; m++) {
                 const int8_t *xp = xq + (size_t)m * K + b * 32;
@@ -272,14 +324,7 @@ static inline __attribute__((always_inline)) void packed_row_t(
 #define PACKED(n) packed_tile(row, qtype, sc, xm, dm, K, n, out)
         DISPATCH_TILE(PACKED)
 #undef PACKED
-        if (qtype == QT_Q4_K) {
-            for (int m = 0; m < mt; m++) {
-                const float *xs = xsum + (size_t)(m0 + m) * nb;
-                float acc = 0.f;
-                for (int b = 0; b < nb; b++) acc += offs[b] * xs[b];
-                out[m] += acc;
-            }
-        }
+        if (qtype == QT_Q4_K) add_offsets(offs, xsum + (size_t)m0 * nb, nb, mt, out);
         for (int m = 0; m < mt; m++) y[(size_t)(m0 + m) * ldy + o] = out[m];
     }
 }
@@ -332,7 +377,7 @@ void gguf_dequantize(const uint8_t *raw, int qtype, int O, int K, float *out, in
             const float s0 = qtype == QT_Q6_K ? sc[2 * b] : sc[b], s1 = qtype == QT_Q6_K ? sc[2 * b + 1] : s0;
             const float off = qtype == QT_Q4_K ? offs[b] : 0.f;
 #if Q8_ISA
-            const __m256i w = unpack32_avx2(row, qtype, b, b % 8);
+            const __m256i w = unpack32_avx2(row, qtype, b, b % 8, 0);
             const __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
             const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
             for (int k = 0; k < 4; k++) {  /* 8 weights each: (float)q * scale (+ offset), as the scalar loop */
