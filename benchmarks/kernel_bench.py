@@ -62,7 +62,7 @@ def main() -> None:
         for layout in ("gguf", "gguf-int8"):
             w = packed if layout == "gguf" else to_blockint8(packed)
             # copies of the weight (fresh memory) so that consecutive calls read from DRAM, not the cache
-            copies = [w] + [_copy(w) for _ in range(max(0, CACHE_BYTES // max(_nbytes(w), 1)))]
+            copies = [w] + [_copy(w) for _ in range(max(0, CACHE_BYTES // max(w.nbytes, 1)))]
             calls = [KernelCall(c, "q8", lib) for c in copies]
             for M in args.rows:
                 x = torch.randn(M, K)
@@ -77,7 +77,7 @@ def main() -> None:
                         times.append(time.perf_counter() - start)
                     ms = statistics.median(times) * 1e3
                     rows.append({"matrix": what, "layout": layout, "shape": f"{O}x{K}", "rows": M, "threads": threads,
-                                 "ms": round(ms, 4), "gb_s": round(_nbytes(w) / ms / 1e6, 2),
+                                 "ms": round(ms, 4), "gb_s": round(w.nbytes / ms / 1e6, 2),
                                  "gmac_s": round(M * O * K / ms / 1e6, 2)})
     isa = kernel_isa()["q8"]
     if args.json:
@@ -89,10 +89,6 @@ def main() -> None:
     for r in rows:
         print(f"| {r['matrix']} | {r['layout']} | {r['shape']} | {r['rows']} | {r['threads']} | {r['ms']:.3f} "
               f"| {r['gb_s']:.1f} | {r['gmac_s']:.1f} |")
-
-
-def _nbytes(w) -> int:
-    return w.nbytes
 
 
 def _copy(w):
