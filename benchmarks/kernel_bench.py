@@ -17,8 +17,11 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 
 import torch
+
+from qwen15.quant.blocks import GGUFBlocks
 
 # (GGUF tensor of layer 0 or 1, what it is in a step): every type a Q4_K_M file holds
 MATRICES = [("blk.0.ffn_gate.weight", "gate (Q5_0, as gate_up's half)"),
@@ -92,13 +95,10 @@ def main() -> None:
 
 
 def _copy(w):
-    from dataclasses import replace
-
-    from qwen15.quant.blocks import BlockInt8
-
-    if isinstance(w, BlockInt8):
-        return BlockInt8(w.q.clone(), w.scale.clone(), None if w.offset is None else w.offset.clone(), w.block)
-    return replace(w, raw=w.raw.clone(), mapped=False)
+    """The same weight in fresh memory (either layout: both are dataclasses of tensors)."""
+    if isinstance(w, GGUFBlocks):
+        return replace(w, raw=w.raw.clone(), mapped=False)
+    return replace(w, q=w.q.clone(), scale=w.scale.clone(), offset=None if w.offset is None else w.offset.clone())
 
 
 if __name__ == "__main__":
