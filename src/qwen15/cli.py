@@ -178,7 +178,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    compile=False, quant=args.quant)
     name = args.served_model_name or str(args.model or DEFAULT_MODEL).rstrip("/").split("/")[-1].removesuffix(".gguf")
     config = ServerConfig(model_name=name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                          token_budget=args.token_budget, kv_tokens=args.kv_tokens, block_size=args.block_size)
+                          token_budget=args.token_budget, kv_tokens=args.kv_tokens, block_size=args.block_size,
+                          ui=not args.no_ui)
     print(f"qwen15 serve: {name} on http://{args.host}:{args.port}/v1 (loaded in {llm.load_s:.1f}s)",
           file=sys.stderr, flush=True)
     serve(llm, config, host=args.host, port=args.port, log_level=args.log_level)
@@ -282,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights on CPU (default gguf-int8: faster batches than gguf, more memory, same "
                         "results): see `qwen15 generate --help`")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the API only)")
     p.set_defaults(func=cmd_serve)
     from .eval.cli import add_eval_parser
 

@@ -30,6 +30,7 @@ from .json_mode import JSONConstraint
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, parse
 from .tools import TOOL_OPEN, forced_prefix, held_back, parse_tool_calls, prepare_messages, tool_names
+from .ui import ui_routes
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ServerConfig:
     token_budget: int = 512
     kv_tokens: int = 32768
     block_size: int = 16
+    ui: bool = True  # the chat page at / (serve/ui.py); --no-ui turns it off
 
 
 @dataclass
@@ -524,6 +526,7 @@ def create_app(llm, config: ServerConfig) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *(ui_routes() if config.ui else []),
     ], exception_handlers={APIError: _api_error, HTTPException: _http_error, _ClientGone: _client_gone,
                           Exception: _server_error},
         lifespan=lifespan)

@@ -1,0 +1,46 @@
+// Bundles src/ into ../src/qwen15/serve/web/ (shipped in the Python package): `npm ci && npm run build`.
+import { readFile, rm, mkdir, copyFile } from "node:fs/promises";
+import path from "node:path";
+import * as esbuild from "esbuild";
+
+const out = path.resolve("../src/qwen15/serve/web");
+
+// KaTeX's stylesheet lists each font as woff2, woff and ttf; every browser that runs this page reads woff2,
+// so the other two are dropped before bundling (they would triple the fonts shipped).
+const woff2Only = {
+  name: "katex-woff2-only",
+  setup(build) {
+    build.onLoad({ filter: /katex[\\/]dist[\\/]katex(\.min)?\.css$/ }, async (args) => {
+      const css = await readFile(args.path, "utf8");
+      const contents = css.replace(/,\s*url\([^)]*\.(woff|ttf)\)\s*format\("(woff|truetype)"\)/g, "");
+      if (/\.(woff|ttf)\)/.test(contents)) throw new Error("katex.css: a woff/ttf font reference survived");
+      return { contents, loader: "css", resolveDir: path.dirname(args.path) };
+    });
+  },
+};
+
+// markdown-it-texmath require()s katex while main.js imports it: without this the bundle would carry both
+// of KaTeX's builds (CommonJS and ESM), 270 KB more.
+const oneKatex = {
+  name: "one-katex",
+  setup(build) {
+    build.onResolve({ filter: /^katex$/ }, () => ({ path: path.resolve("node_modules/katex/dist/katex.mjs") }));
+  },
+};
+
+await rm(out, { recursive: true, force: true });
+await mkdir(path.join(out, "ui"), { recursive: true });
+await esbuild.build({
+  entryPoints: { app: "src/main.js" },
+  bundle: true,
+  minify: true,
+  format: "iife",
+  target: ["es2020"],
+  outdir: path.join(out, "ui"),
+  loader: { ".woff2": "file" },
+  assetNames: "fonts/[name]",
+  legalComments: "linked",
+  plugins: [woff2Only, oneKatex],
+  logLevel: "info",
+});
+await copyFile("src/index.html", path.join(out, "index.html"));
