@@ -182,6 +182,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           ui=not args.no_ui)
     print(f"qwen15 serve: {name} on http://{args.host}:{args.port}/v1 (loaded in {llm.load_s:.1f}s)",
           file=sys.stderr, flush=True)
+    if config.ui:
+        print(f"qwen15 serve: chat page at http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     serve(llm, config, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
