@@ -28,19 +28,7 @@ XSS_IMG = "<img src=x onerror=alert(1)>"
 XSS_LINK = "[click](javascript:alert(2))"
 
 
-@pytest.fixture(scope="module")
-def server(real_gguf_path):
-    srv = ServerProcess(real_gguf_path, "--max-batch", "4", "--kv-tokens", "8192", api_key=KEY, name="qwen")
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
-    if missing:
-        pytest.fail(f"the chat page tests need Debian's Chromium: {' and '.join(missing)} not found; "
-                    f"install it with `apt-get update && apt-get install -y chromium chromium-driver`", pytrace=False)
+def start_browser(profile, downloads):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -48,14 +36,50 @@ def driver(tmp_path_factory):
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,800",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+                f"--user-data-dir={profile}"):
         opts.add_argument(arg)
     opts.set_capability("unhandledPromptBehavior", "ignore")  # an alert() stays open for no_dialog() to see
     d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    d.downloads = tmp_path_factory.mktemp("downloads")
-    d.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(d.downloads)})
-    yield d
+    d.downloads = downloads
+    d.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    return d
+
+
+@pytest.fixture(scope="module")
+def server_and_browser(real_gguf_path, tmp_path_factory):
+    """The real 0.5B behind --api-key, and Chromium, started side by side (each takes seconds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    if missing:
+        pytest.fail(f"the chat page tests need Debian's Chromium: {' and '.join(missing)} not found; "
+                    f"install it with `apt-get update && apt-get install -y chromium chromium-driver`", pytrace=False)
+    with ThreadPoolExecutor(1) as pool:
+        browser = pool.submit(start_browser, tmp_path_factory.mktemp("chromium-profile"),
+                              tmp_path_factory.mktemp("downloads"))
+        try:
+            srv = ServerProcess(real_gguf_path, "--max-batch", "4", "--kv-tokens", "8192", api_key=KEY, name="qwen")
+        except BaseException:
+            browser.result().quit()
+            raise
+        try:
+            d = browser.result()
+        except BaseException:
+            srv.stop()
+            raise
+    yield srv, d
     d.quit()
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(server_and_browser):
+    return server_and_browser[0]
+
+
+@pytest.fixture(scope="module")
+def driver(server_and_browser):
+    return server_and_browser[1]
 
 
 def open_page(d, server, settings=SETTINGS, key=KEY):
@@ -65,8 +89,12 @@ def open_page(d, server, settings=SETTINGS, key=KEY):
                      "if (arguments[0]) localStorage.setItem('qwen15.apiKey', arguments[0]);"
                      "localStorage.setItem('qwen15.settings', JSON.stringify(arguments[1]));", key, settings)
     d.refresh()
-    wait(d, lambda: d.execute_script("return document.body.classList.contains('ready')"), what="the model list")
+    wait_ready(d)
     return d
+
+
+def wait_ready(d):
+    wait(d, lambda: d.execute_script("return document.body.classList.contains('ready')"), what="the model list")
 
 
 def wait(d, cond, timeout=60, what="the page"):
@@ -153,11 +181,12 @@ def test_key_is_asked_for_kept_in_the_browser_and_never_served(server, driver):
     box.clear()
     box.send_keys(KEY)
     by_css(d, "#key-save")[0].click()
-    wait(d, lambda: d.execute_script("return document.body.classList.contains('ready')"), what="the model list")
+    wait_ready(d)
     assert [o.text for o in by_css(d, "#model option")] == ["qwen"]
     assert d.execute_script("return localStorage.getItem('qwen15.apiKey')") == KEY
     d.execute_script("localStorage.setItem('qwen15.settings', JSON.stringify(arguments[0]))", {**SETTINGS, "max_tokens": 4})
     d.refresh()
+    wait_ready(d)
     send(d, "Say hello in one short sentence.")
     wait_reply(d)
     (reply,) = by_css(d, ".msg.assistant .body")
@@ -194,7 +223,8 @@ def test_reply_streams_in_shows_its_numbers_and_survives_a_reload(server, driver
     assert by_css(d, "#st-running")[0].text.isdigit() and by_css(d, "#st-queued")[0].text.isdigit()
 
     d.refresh()
-    wait(d, lambda: len(by_css(d, ".msg.assistant .stats")) == 1, what="the conversation after a reload")
+    wait_ready(d)  # the page renders again once the model list is in: read it after that
+    assert len(by_css(d, ".msg.assistant .stats")) == 1
     assert [e.text for e in by_css(d, "#conversations .conv-title")] == [conv["title"]]
     assert by_css(d, ".msg.user .body")[0].text == question
     assert by_css(d, ".msg.assistant .stats")[0].text == stats
@@ -350,7 +380,8 @@ def test_imported_conversation_renders_math_tables_code_and_runs_nothing(server,
     by_css(d, "#import-file")[0].send_keys(str(exported))
     wait(d, lambda: len(by_css(d, "#conversations li")) == 2, what="the second import")
     d.refresh()
-    wait(d, lambda: len(by_css(d, "#conversations li")) == 2, what="the conversations after a reload")
+    wait_ready(d)
+    assert len(by_css(d, "#conversations li")) == 2
     assert [e.text for e in by_css(d, "#conversations .conv-title")] == ["Renamed tour"] * 2
     assert len({c["id"] for c in conversations(d)}) == 2
     for _ in range(2):  # a second click confirms
@@ -369,8 +400,11 @@ def test_phone_window_and_dark_theme(server, driver):
     d = open_page(driver, server, settings={**SETTINGS, "max_tokens": 4})
     try:
         d.set_window_size(390, 844)
-        send(d, "Hi")
+        from selenium.webdriver.common.keys import Keys
+
+        by_css(d, "#input")[0].send_keys("Hi", Keys.SHIFT, Keys.ENTER, Keys.SHIFT, "there", Keys.ENTER)
         wait_reply(d)
+        assert conversations(d)[0]["messages"][0]["content"] == "Hi\nthere"  # Shift+Enter: a new line
         (sidebar,) = by_css(d, "#sidebar")
         wait(d, lambda: sidebar.rect["x"] + sidebar.rect["width"] <= 0, what="the sidebar to slide away")
         by_css(d, "#menu")[0].click()

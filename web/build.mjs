@@ -1,5 +1,6 @@
 // Bundles src/ into ../src/qwen15/serve/web/ (shipped in the Python package): `npm ci && npm run build`.
-import { readFile, rm, mkdir, copyFile } from "node:fs/promises";
+import { createHash } from "node:crypto";
+import { readFile, readdir, rm, mkdir, copyFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import * as esbuild from "esbuild";
 
@@ -44,3 +45,11 @@ await esbuild.build({
   logLevel: "info",
 });
 await copyFile("src/index.html", path.join(out, "index.html"));
+
+// A fingerprint of what the bundle was built from; tests/test_chat_page.py recomputes it from web/ and
+// fails when the sources changed without a rebuild.
+const sources = ["build.mjs", "package.json", "package-lock.json",
+  ...(await readdir("src")).map((f) => `src/${f}`)].sort();
+const hash = createHash("sha256");
+for (const f of sources) hash.update(`${f}\0`).update(await readFile(f)).update("\0");
+await writeFile(path.join(out, "ui", "SOURCES.sha256"), `${hash.digest("hex")}\n`);

@@ -162,6 +162,7 @@ function messageView(conv, m, i) {
   const bar = el("div", "actions");
   if (m.role === "assistant" && !live) {
     const stats = el("span", "stats", statsText(m.stats));
+    stats.title = "tokens from the server's usage; TTFT from sending to the first text; tok/s over the tokens after the first";
     bar.appendChild(stats);
     const copy = el("button", "copy-msg", "Copy");
     copy.type = "button";
