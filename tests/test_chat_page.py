@@ -434,7 +434,9 @@ def test_no_ui_turns_the_page_off(tiny_chat_gguf):
     assert not build_parser().parse_args(["serve"]).no_ui
     llm = LLM.load(tiny_chat_gguf)
     with_ui = TestClient(create_app(llm, ServerConfig("tiny")))
-    assert with_ui.get("/").status_code == 200 and with_ui.get("/ui/app.js").status_code == 200
+    page = with_ui.get("/")
+    (script,) = re.findall(r'src="(ui/app-\w+\.js)"', page.text)
+    assert page.status_code == 200 and with_ui.get("/" + script).status_code == 200
     without = TestClient(create_app(llm, ServerConfig("tiny", ui=False)))
-    assert without.get("/").status_code == 404 and without.get("/ui/app.js").status_code == 404
+    assert without.get("/").status_code == 404 and without.get("/" + script).status_code == 404
     assert without.get("/v1/models").json()["data"][0]["id"] == "tiny"

@@ -1,6 +1,6 @@
 // Bundles src/ into ../src/qwen15/serve/web/ (shipped in the Python package): `npm ci && npm run build`.
 import { createHash } from "node:crypto";
-import { readFile, readdir, rm, mkdir, copyFile, writeFile } from "node:fs/promises";
+import { readFile, readdir, rm, mkdir, writeFile } from "node:fs/promises";
 import path from "node:path";
 import * as esbuild from "esbuild";
 
@@ -31,20 +31,34 @@ const oneKatex = {
 
 await rm(out, { recursive: true, force: true });
 await mkdir(path.join(out, "ui"), { recursive: true });
-await esbuild.build({
+const result = await esbuild.build({
   entryPoints: { app: "src/main.js" },
   bundle: true,
   minify: true,
   format: "iife",
   target: ["es2020"],
   outdir: path.join(out, "ui"),
+  // Content-hashed names: index.html is revalidated on every load, and after an upgrade it cannot be
+  // paired with a script or stylesheet the browser cached from the previous version.
+  entryNames: "[name]-[hash]",
   loader: { ".woff2": "file" },
   assetNames: "fonts/[name]",
   legalComments: "linked",
+  metafile: true,
   plugins: [woff2Only, oneKatex],
   logLevel: "info",
 });
-await copyFile("src/index.html", path.join(out, "index.html"));
+const built = Object.keys(result.metafile.outputs).map((f) => path.relative(out, f).split(path.sep).join("/"));
+const pick = (re) => {
+  const found = built.filter((f) => re.test(f));
+  if (found.length !== 1) throw new Error(`expected one output matching ${re}, got ${found}`);
+  return found[0];
+};
+const html = (await readFile("src/index.html", "utf8"))
+  .replace('href="ui/app.css"', `href="${pick(/^ui\/app-[^/]+\.css$/)}"`)
+  .replace('src="ui/app.js"', `src="${pick(/^ui\/app-[^/]+\.js$/)}"`);
+if (html.includes('"ui/app.')) throw new Error("index.html: an unhashed asset reference survived");
+await writeFile(path.join(out, "index.html"), html);
 
 // A fingerprint of what the bundle was built from; tests/test_chat_page.py recomputes it from web/ and
 // fails when the sources changed without a rebuild.
