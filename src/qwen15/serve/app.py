@@ -29,6 +29,7 @@ from .batch_engine import BatchEngine, Output, Sequence, TokenLogprob
 from .json_mode import JSONConstraint
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, parse
+from .tool_constraint import ToolCallConstraint
 from .tools import TOOL_OPEN, forced_prefix, held_back, parse_tool_calls, prepare_messages, tool_names
 
 
@@ -152,8 +153,11 @@ def _record_finish(state: _State, seq: Sequence, out: Output) -> None:
 
 
 def _sequences(state: _State, req, prompt_ids: list[int], *, logprobs: int | None = None,
-               prompt_logprobs: int | None = None, json_mode: bool = False, param: str = "messages") -> list[Sequence]:
-    """One engine sequence per choice, after the context-window and queue checks."""
+               prompt_logprobs: int | None = None, json_mode: bool = False, param: str = "messages",
+               tool_call: tuple[set[str], str] | None = None) -> list[Sequence]:
+    """One engine sequence per choice, after the context-window and queue checks.
+
+    tool_call: (tool names, the call text forced so far) to constrain the answer to one valid call."""
     engine, ctx = state.engine, state.engine.context_length
     n_prompt = len(prompt_ids)
     if n_prompt == 0:
@@ -180,6 +184,8 @@ def _sequences(state: _State, req, prompt_ids: list[int], *, logprobs: int | Non
         except Qwen15Error as e:
             raise APIError(400, str(e), param=str(e).split(" ")[0]) from None
         constraint = JSONConstraint(state.llm.tokenizer, engine.eos_ids) if json_mode else None
+        if tool_call is not None:
+            constraint = ToolCallConstraint(state.llm.tokenizer, engine.eos_ids, *tool_call)
         seqs.append(Sequence(list(prompt_ids), params, max_new, emit=None, logprobs=logprobs,
                              prompt_logprobs=prompt_logprobs, constraint=constraint))
     return seqs
@@ -269,8 +275,11 @@ async def chat_completions(request: Request) -> Response:
     prefix = forced_prefix(req.tool_choice) if tools else ""
     names = tool_names(tools)
     json_mode = req.response_format is not None and req.response_format.type == "json_object"
+    forced = prefix.startswith(TOOL_OPEN)  # required or named: the answer must be one valid call
     seqs = _sequences(state, req, tokenizer.encode(prompt + prefix),
-                      logprobs=(req.top_logprobs or 0) if req.logprobs else None, json_mode=json_mode)
+                      logprobs=(req.top_logprobs or 0) if req.logprobs else None, json_mode=json_mode and not forced,
+                      tool_call=(names if req.tool_choice == "required" else {req.tool_choice["function"]["name"]},
+                                 prefix[len(TOOL_OPEN):].lstrip("\n")) if forced else None)
     _check_capacity(state, len(seqs))
     rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "created": created, "model": state.config.model_name}
