@@ -5,22 +5,21 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 
 from .errors import GenerationError
 
 
 def check_device(device: str) -> None:
-    """cpu, cuda or cuda:N, and cuda only where torch can use it."""
+    """cpu, cuda or cuda:N, and cuda only where torch can use it (torch is imported only for cuda)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise GenerationError(f"unknown device {device!r}: expected cpu or cuda (cuda:N for one GPU)")
+    if device == "cpu":
+        return
     import torch
 
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise GenerationError(f"unknown device {device!r}: expected cpu or cuda (cuda:N for one GPU)")
-    if kind == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
         raise GenerationError(f"--device {device}: {why}; use --device cpu")
 

@@ -49,6 +49,24 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precheck(args: argparse.Namespace) -> None:
+    """Device, threads and context are checked first: without importing torch, and before any load."""
+    from .checks import check_device, check_positive
+
+    check_device(args.device)
+    check_positive("--threads", args.threads)
+    check_positive("--context", getattr(args, "context", None))
+    if getattr(args, "quant", None) == "int8":
+        from .weights.packaged import PACKAGED_MODELS
+
+        model = str(args.model or DEFAULT_MODEL)
+        if model.lower() in PACKAGED_MODELS or model.endswith(".gguf"):
+            # Rounding a GGUF's already quantized values again adds a second error (and took 33 s on the
+            # 1.5B); gguf-int8 gives the same int8 arithmetic without loss.
+            raise GenerationError(f"--quant int8 quantizes dense (safetensors) checkpoints, and {model} is a GGUF: "
+                                  f"use --quant gguf-int8 (its blocks as int8, lossless) or gguf")
+
+
 def _sampling(args: argparse.Namespace, chat: bool):
     from .engine.sampling import SamplingParams
 
@@ -85,6 +103,7 @@ def _check_max_tokens(args: argparse.Namespace, context: int | None, prompt_toke
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    _precheck(args)
     params = _sampling(args, args.chat)  # bad values fail before the (slow) load
     _check_max_tokens(args, args.context)
     llm = _load(args)
@@ -121,6 +140,7 @@ CHAT_HELP = "/reset  clear the conversation\n/help   this list\n/exit   quit (al
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _precheck(args)
     params = _sampling(args, chat=True)
     _check_max_tokens(args, args.context)
     llm = _load(args)
@@ -161,6 +181,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    _precheck(args)
     from .engine.bench import as_dict, run_bench
 
     for name in ("prompt_tokens", "gen_tokens"):
@@ -189,15 +210,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .engine.engine import LLM
-    from .serve.app import ServerConfig, serve
-
+    _precheck(args)
     for name in ("port", "max_batch", "max_queue", "token_budget", "kv_tokens", "block_size"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise GenerationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     from .checks import check_port_free
 
     check_port_free(args.host, args.port)  # before the load, not after it
+    from .engine.engine import LLM
+    from .serve.app import ServerConfig, serve
+
     llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context,
                    compile=False, quant=args.quant)
     name = args.served_model_name or str(args.model or DEFAULT_MODEL).rstrip("/").split("/")[-1].removesuffix(".gguf")
@@ -327,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not in the interpreter's exit
+        return status
     except Qwen15Error as e:
         print(f"qwen15: error: {e}", file=sys.stderr)
         return 2

@@ -25,9 +25,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from .blocks import BlockInt8, GGUFBlocks
+if TYPE_CHECKING:  # torch is imported where tensors are handled: `qwen15 cache` does without it
+    import torch
+
+    from .blocks import BlockInt8, GGUFBlocks
 
 LAYOUT_VERSION = 3  # bump when BlockInt8, GGUFBlocks, the conversion or the fusing changes
 
@@ -198,6 +201,8 @@ def save(gguf: Path, state: dict[str, torch.Tensor | BlockInt8 | GGUFBlocks], la
     is faster than stacking them again."""
     from safetensors.torch import save_file
 
+    from .blocks import BlockInt8, GGUFBlocks
+
     flat: dict[str, torch.Tensor] = {}
     blocks: dict[str, int] = {}
     packed: dict[str, list[int]] = {}
@@ -238,6 +243,8 @@ def save(gguf: Path, state: dict[str, torch.Tensor | BlockInt8 | GGUFBlocks], la
 def load(gguf: Path, layout: str = "int8") -> dict[str, torch.Tensor | BlockInt8 | GGUFBlocks] | None:
     """The cached state for this GGUF, or None (absent, or unreadable: then it is deleted)."""
     from safetensors import safe_open
+
+    from .blocks import BlockInt8, GGUFBlocks
 
     path = cache_path(gguf, layout)
     if not path.is_file():
