@@ -48,6 +48,7 @@ def runs(tiny_chat_gguf, tmp_path_factory, listener):
     tiny = str(tiny_chat_gguf)
     absent = str(tmp_path_factory.mktemp("absent") / "absent.gguf")
     empty = tmp_path_factory.mktemp("no-results")
+    results = tmp_path_factory.mktemp("results")
     gen = ("generate", "--model", tiny, "--prompt", "hello", "--threads", "1")
     specs = {
         "tpu": (("generate", "--model", absent, "--prompt", "hi", "--device", "tpu"), None),
@@ -71,6 +72,9 @@ def runs(tiny_chat_gguf, tmp_path_factory, listener):
         "report-help": (("eval", "report", "--help"), None),
         "report-empty": (("eval", "report", "--results-dir", str(empty)), None),
         "chat": (("chat", "--model", tiny, "--threads", "1", "--max-tokens", "4"), "/help\n/exit\nnever sent\n"),
+        # no --model: the packaged default, one HumanEval problem, a few tokens (skipped without `eval fetch` data)
+        "eval-default": (("eval", "run", "--task", "humaneval", "--limit", "1", "--max-tokens", "8", "--threads", "1",
+                          "--no-progress", "--results-dir", str(results)), None),
         "bench": (("bench", "--model", tiny, "--prompt-tokens", "8", "--gen-tokens", "4", "--threads", "1"), None),
     }
     procs = {name: (_start(*args, stdin=stdin), stdin) for name, (args, stdin) in specs.items()}
@@ -87,6 +91,7 @@ def runs(tiny_chat_gguf, tmp_path_factory, listener):
         p.stderr_text = p.stderr.read().decode()
         p.stderr.close()
         out[name] = p
+    out["results-dir"] = results
     return out
 
 
@@ -202,6 +207,17 @@ def test_eval_report_without_results_says_so(runs):
     out = runs["report-empty"]
     assert out.returncode == 0 and "no results" in out.stderr
     assert "(published)" in out.stdout and "(ours)" not in out.stdout
+
+
+def test_eval_report_names_the_default_model_as_the_user_knows_it(runs):
+    if runs["eval-default"].returncode == 2 and "eval fetch" in runs["eval-default"].stderr:
+        pytest.skip("HumanEval data not fetched")
+    assert runs["eval-default"].returncode == 0, runs["eval-default"].stderr
+    out = subprocess.run([sys.executable, "-m", "qwen15.cli", "eval", "report", "--results-dir",
+                          str(runs["results-dir"]), "--no-published"], capture_output=True, text=True, env=_env(),
+                         timeout=120)
+    row = next(l for l in out.stdout.splitlines() if "(ours)" in l)
+    assert row.startswith("| qwen2.5-coder-0.5b-instruct (ours) |") and "(n=1)" in row, out.stdout  # not the .gguf
 
 
 def test_eval_report_cell_carries_n_and_the_users_name(tmp_path):
