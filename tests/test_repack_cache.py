@@ -30,6 +30,20 @@ def _gguf(path: Path, seed: int) -> Path:
     return path
 
 
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    """An empty cache folder, sharing the compiled C kernels of the real one (not rebuilt with gcc per test)."""
+    from qwen15.weights.packaged import cache_dir
+
+    real = cache_dir() / "kernels"
+    real.mkdir(parents=True, exist_ok=True)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "kernels").symlink_to(real)
+    monkeypatch.setenv("QWEN15_CACHE", str(folder))
+    return folder
+
+
 def _load(path: Path) -> None:
     import torch
 
@@ -38,11 +52,9 @@ def _load(path: Path) -> None:
     load_checkpoint(path, torch.float32, "cpu", quant="gguf-int8")
 
 
-def test_one_entry_per_content_stale_entries_pruned_and_the_cache_capped(tmp_path, monkeypatch):
+def test_one_entry_per_content_stale_entries_pruned_and_the_cache_capped(tmp_path, monkeypatch, cache):
     from qwen15.quant import repack_cache
 
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("QWEN15_CACHE", str(cache))
     env = {"QWEN15_CACHE": str(cache)}
     a = _gguf(tmp_path / "a.gguf", seed=1)
     b = tmp_path / "copy" / "b.gguf"
@@ -87,13 +99,12 @@ def test_one_entry_per_content_stale_entries_pruned_and_the_cache_capped(tmp_pat
     assert missing.returncode == 2 and missing.stderr.startswith("qwen15: error: ") and "nothing-like-it" in missing.stderr
 
 
-def test_a_file_rewritten_in_place_is_not_served_from_its_old_entry(tmp_path, monkeypatch):
+def test_a_file_rewritten_in_place_is_not_served_from_its_old_entry(tmp_path, monkeypatch, cache):
     import torch
 
     from qwen15.engine.engine import load_checkpoint
     from qwen15.quant import repack_cache
 
-    monkeypatch.setenv("QWEN15_CACHE", str(tmp_path / "cache"))
     path = _gguf(tmp_path / "m.gguf", seed=1)
     _load(path)
     _gguf(path, seed=4)  # new weights at the same path

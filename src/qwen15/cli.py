@@ -104,8 +104,8 @@ def _check_max_tokens(args: argparse.Namespace, context: int | None, prompt_toke
 
 def cmd_generate(args: argparse.Namespace) -> int:
     _precheck(args)
-    params = _sampling(args, args.chat)  # bad values fail before the (slow) load
     _check_max_tokens(args, args.context)
+    params = _sampling(args, args.chat)  # bad values fail before the (slow) load
     llm = _load(args)
     _check_max_tokens(args, llm.context_length, len(llm.encode_prompt(args.prompt, args.chat)))
     stream = not args.json and not args.no_stream
@@ -141,8 +141,8 @@ CHAT_HELP = "/reset  clear the conversation\n/help   this list\n/exit   quit (al
 
 def cmd_chat(args: argparse.Namespace) -> int:
     _precheck(args)
-    params = _sampling(args, chat=True)
     _check_max_tokens(args, args.context)
+    params = _sampling(args, chat=True)
     llm = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
