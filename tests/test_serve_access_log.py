@@ -3,11 +3,27 @@
 import re
 import time
 
+import pytest
+
 from serve_fixtures import ServerProcess
 
 
-def test_access_lines_and_stop_line(tiny_chat_gguf):
-    server = ServerProcess(tiny_chat_gguf, "--kv-tokens", "2048")
+@pytest.fixture(scope="module")
+def server(tiny_chat_gguf):
+    srv = ServerProcess(tiny_chat_gguf, "--kv-tokens", "2048")
+    yield srv
+    srv.stop()
+
+
+def test_required_tool_choice_without_a_named_tool_is_a_400(server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="required"):
+        server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                tools=[{"type": "function", "function": {}}], tool_choice="required")
+
+
+def test_access_lines_and_stop_line(server):  # last: it stops the server
     try:
         client = server.client()
         r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
@@ -22,7 +38,7 @@ def test_access_lines_and_stop_line(tiny_chat_gguf):
         except openai.NotFoundError:
             pass
         deadline = time.time() + 10
-        while time.time() < deadline and server.output().count("POST /v1/completions") < 1:
+        while time.time() < deadline and "POST /v1/completions 200" not in server.output():
             time.sleep(0.1)  # a stream's line is written once its last chunk is sent
     finally:
         status = server.stop()

@@ -280,6 +280,9 @@ async def chat_completions(request: Request) -> Response:
     names = tool_names(tools)
     json_mode = req.response_format is not None and req.response_format.type == "json_object"
     forced = prefix.startswith(TOOL_OPEN)  # required or named: the answer must be one valid call
+    if forced and req.tool_choice == "required" and not names:
+        raise APIError(400, "tool_choice 'required' needs at least one tool of type function with a name",
+                       param="tools")
     seqs = _sequences(state, req, tokenizer.encode(prompt + prefix),
                       logprobs=(req.top_logprobs or 0) if req.logprobs else None, json_mode=json_mode and not forced,
                       tool_call=(names if req.tool_choice == "required" else {req.tool_choice["function"]["name"]},
