@@ -91,6 +91,8 @@ def load_library() -> ctypes.CDLL | None:
             lib.qwen_layers_forward.restype = I
             lib.gguf_matmul_q8.argtypes = [P, P, I, I, P, I, I, P, I]
             lib.gguf_matmul_q8.restype = I
+            lib.gguf_quantize_rows_k.argtypes = [P, I, I, P, P, P]
+            lib.gguf_quantize_rows_k.restype = None
             lib.gguf_dequantize.argtypes = [P, I, I, I, P, I]
             lib.gguf_dequantize.restype = None
             lib.blockint8_exact_isa.restype = I
@@ -207,6 +209,33 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq.reshape(M, K), amax / 127.0
 
 
+K_QUANT_TYPES = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K)  # the file's blocks these get Q8_K activations
+
+
+def quantize_activations_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (xq int8 [M, K], dk float32 [M, K // 256]): the K-quant kernels' activations
+    (llama.cpp's Q8_K), dk = max|x| / 127 per super-block of 256, xq = round(x * (127 / max|x|)), ties to even."""
+    M, K = x.shape
+    blocks = x.reshape(M, K // 256, 256)
+    amax = blocks.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.round(blocks * inv[..., None]).to(torch.int8)
+    return xq.reshape(M, K), amax / 127.0
+
+
+def matmul_kquant_reference(x: torch.Tensor, w: GGUFBlocks) -> torch.Tensor:
+    """What the Q4_K / Q6_K kernels compute, in float64: Q8_K-rounded activations times the weights as the
+    `gguf` package dequantizes them. The kernels differ from it only by float32 rounding of the per
+    super-block factors and their sum (a few ulp of the result)."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    M, K = x.shape
+    xq, dk = quantize_activations_k(x)
+    xr = (xq.view(M, K // 256, 256).double() * dk.double()[..., None]).view(M, K)
+    wd = torch.from_numpy(gguf_dequantize(w.raw.numpy(), GGMLQuantizationType(w.qtype)).reshape(w.shape)).double()
+    return xr @ wd.T
+
+
 def matmul_q8_torch(x: torch.Tensor, w: BlockInt8) -> torch.Tensor:
     """The q8 kernel's result computed with PyTorch: int8-rounded activations times the exact weights,
     the offset term from the float activations."""
@@ -249,7 +278,7 @@ class KernelCall:
         self.O, self.K = w.shape
         if isinstance(w, GGUFBlocks):  # int8 activations only: "f32" (exact) goes through dequantize + BLAS
             self.q, self.block, self.max_rows = w.raw, 32, NATIVE_MAX_ROWS["q8"] if activations == "q8" else 0
-            self.fn, self.sums = lib.gguf_matmul_q8, w.qtype == GGMLQuantizationType.Q4_K  # offsets need sum(x)
+            self.fn, self.sums = lib.gguf_matmul_q8, False  # Q4_K's mins use the int8 sums (Q8_K, in C)
             self._keep = (w.raw,)
             self.args = (w.raw.data_ptr(), w.qtype, self.O)
             return
