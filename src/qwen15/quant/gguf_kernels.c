@@ -422,12 +422,31 @@ static inline __attribute__((always_inline)) int hsum_epi32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
+/* Lane m (< MT) = the sum of v[m]'s eight lanes: eight rows' super-block sums reduced together (a tree of
+   hadds), ~7x fewer instructions than reducing each row alone. Exact: these are integers. */
+static inline __attribute__((always_inline)) __m256i hsum8_epi32(const __m256i *v, int MT) {
+    const __m256i z = _mm256_setzero_si256();
+    const __m256i t0 = _mm256_hadd_epi32(v[0], MT > 1 ? v[1] : z), t1 = _mm256_hadd_epi32(MT > 2 ? v[2] : z, MT > 3 ? v[3] : z);
+    const __m256i t2 = MT > 4 ? _mm256_hadd_epi32(v[4], MT > 5 ? v[5] : z) : z;
+    const __m256i t3 = MT > 6 ? _mm256_hadd_epi32(v[6], MT > 7 ? v[7] : z) : z;
+    const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+    /* u0 = [rows 0-3: elements 0-3 | rows 0-3: elements 4-7], u1 the same for rows 4-7 */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+/* The activation scales of super-block s for rows 0..MT-1 (row stride ns), lane m = row m. */
+static inline __attribute__((always_inline)) __m256 row_scales(const float *dk, int ns, int s, int MT) {
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(ns));
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(MT), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), dk + s, idx, _mm256_castsi256_ps(valid), 4);
+}
+
 /* One Q4_K weight row times MT activation rows (Q8_K), into acc[m] by the fixed float steps above. */
 static inline __attribute__((always_inline)) void q4k_tile(
         const uint8_t *row, const int8_t *xq, const float *dk, const int16_t *bsum, int K, int MT, float *out) {
     const int ns = K / 256;
-    float acc[TILE];
-    for (int m = 0; m < MT; m++) acc[m] = 0.f;
+    float acc[1] = {0.f};  /* MT == 1 */
+    __m256 va = _mm256_setzero_ps();  /* MT > 1: row m's accumulator in lane m */
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int s = 0; s < ns; s++) {
         const uint8_t *sb = row + s * 144;
@@ -452,15 +471,28 @@ static inline __attribute__((always_inline)) void q4k_tile(
         const __m128i m8 = _mm_cvtsi64_si128((long long)mn8);
         const __m256i mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
         const float d = half_to_float(sb), dmin = half_to_float(sb + 2);
-        for (int m = 0; m < MT; m++) {
-            const __m256i bs = _mm256_loadu_si256((const __m256i *)(bsum + (size_t)m * (K / 16) + s * 16));
-            const int isum = hsum_epi32(ai[m]), msum = hsum_epi32(_mm256_madd_epi16(bs, mins));
-            const float dy = dk[(size_t)m * ns + s];
-            acc[m] = fmaf(d * dy, (float)isum, acc[m]);
-            acc[m] = fmaf(-(dmin * dy), (float)msum, acc[m]);
+        if (MT == 1) {
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(bsum + s * 16));
+            const int isum = hsum_epi32(ai[0]), msum = hsum_epi32(_mm256_madd_epi16(bs, mins));
+            const float dy = dk[s];
+            acc[0] = fmaf(d * dy, (float)isum, acc[0]);
+            acc[0] = fmaf(-(dmin * dy), (float)msum, acc[0]);
+        } else {  /* the same steps with row m in lane m */
+            __m256i mv[TILE];
+            for (int m = 0; m < MT; m++)
+                mv[m] = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(bsum + (size_t)m * (K / 16) + s * 16)), mins);
+            const __m256 dy = row_scales(dk, ns, s, MT);
+            va = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(d), dy), _mm256_cvtepi32_ps(hsum8_epi32(ai, MT)), va);
+            va = _mm256_fmadd_ps(_mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), dy), _mm256_set1_ps(-0.f)),
+                                 _mm256_cvtepi32_ps(hsum8_epi32(mv, MT)), va);
         }
     }
-    for (int m = 0; m < MT; m++) out[m] = acc[m];
+    if (MT == 1) out[0] = acc[0];
+    else {
+        float lanes[8];
+        _mm256_storeu_ps(lanes, va);
+        for (int m = 0; m < MT; m++) out[m] = lanes[m];
+    }
 }
 
 /* One Q6_K weight row times MT activation rows (Q8_K). The stored values u = w + 32 (0..63) go into
@@ -468,8 +500,8 @@ static inline __attribute__((always_inline)) void q4k_tile(
 static inline __attribute__((always_inline)) void q6k_tile(
         const uint8_t *row, const int8_t *xq, const float *dk, const int16_t *bsum, int K, int MT, float *out) {
     const int ns = K / 256;
-    float acc[TILE];
-    for (int m = 0; m < MT; m++) acc[m] = 0.f;
+    float acc[1] = {0.f};  /* MT == 1 */
+    __m256 va = _mm256_setzero_ps();  /* MT > 1: row m's accumulator in lane m */
     const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3);
     for (int s = 0; s < ns; s++) {
         const uint8_t *sb = row + s * 210;
@@ -502,11 +534,19 @@ static inline __attribute__((always_inline)) void q6k_tile(
         for (int m = 0; m < MT; m++) {
             const __m256i bs = _mm256_loadu_si256((const __m256i *)(bsum + (size_t)m * (K / 16) + s * 16));
             const __m256i corr = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);  /* 32 * sum scale * x */
-            const int isum = hsum_epi32(_mm256_sub_epi32(ai[m], corr));
-            acc[m] = fmaf(d * dk[(size_t)m * ns + s], (float)isum, acc[m]);
+            ai[m] = _mm256_sub_epi32(ai[m], corr);
         }
+        if (MT == 1) acc[0] = fmaf(d * dk[s], (float)hsum_epi32(ai[0]), acc[0]);
+        else  /* the same step with row m in lane m */
+            va = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(d), row_scales(dk, ns, s, MT)),
+                                 _mm256_cvtepi32_ps(hsum8_epi32(ai, MT)), va);
     }
-    for (int m = 0; m < MT; m++) out[m] = acc[m];
+    if (MT == 1) out[0] = acc[0];
+    else {
+        float lanes[8];
+        _mm256_storeu_ps(lanes, va);
+        for (int m = 0; m < MT; m++) out[m] = lanes[m];
+    }
 }
 
 #else
