@@ -94,7 +94,8 @@ def main() -> None:
                     rows.append({"matrix": what, "layout": layout, "shape": f"{O}x{K}", "rows": M, "threads": threads,
                                  "ms": round(ms, 4), "gb_s": round(w.nbytes / ms / 1e6, 2),
                                  "gmac_s": round(M * O * K / ms / 1e6, 2)})
-    isa = kernel_isa()["q8"]
+    isa = kernel_isa()
+    isa = f"{isa['q8']}; Q4_K/Q6_K: {isa['kquant']}"
     cpu = cpu_isa()
     if args.json:
         print(json.dumps({"isa": isa, "cpu": cpu, "model": str(path), "rows": rows}))

@@ -415,6 +415,27 @@ static inline void q4k_scales(const uint8_t *s12, uint8_t *sc, uint8_t *mn) {
 }
 
 #if Q8_ISA
+/* acc + the pairwise products of int16 a and b, summed in pairs: one vpdpwssd where the machine has VNNI
+   (AVX-512 VNNI with VL, or AVX-VNNI), madd + add otherwise. The same integers either way (no saturation,
+   and these sums stay far below 2^31), so the same bits. Built with -march=native, so the path is the
+   machine's; the VNNI lines are compile-checked only on the AVX2 machine these kernels were written on. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define KQUANT_VNNI 1
+static inline __attribute__((always_inline)) __m256i dpwssd(__m256i acc, __m256i a, __m256i b) {
+    return _mm256_dpwssd_epi32(acc, a, b);
+}
+#elif defined(__AVXVNNI__)
+#define KQUANT_VNNI 1
+static inline __attribute__((always_inline)) __m256i dpwssd(__m256i acc, __m256i a, __m256i b) {
+    return _mm256_dpwssd_avx_epi32(acc, a, b);
+}
+#else
+#define KQUANT_VNNI 0
+static inline __attribute__((always_inline)) __m256i dpwssd(__m256i acc, __m256i a, __m256i b) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+}
+#endif
+
 static inline __attribute__((always_inline)) int hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
@@ -460,9 +481,8 @@ static inline __attribute__((always_inline)) void q4k_tile(
             const __m256i s0 = _mm256_set1_epi16(sc[2 * j]), s1 = _mm256_set1_epi16(sc[2 * j + 1]);
             for (int m = 0; m < MT; m++) {
                 const int8_t *xp = xq + (size_t)m * K + s * 256 + 64 * j;
-                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)xp)), s0);
-                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(xp + 32))), s1);
-                ai[m] = _mm256_add_epi32(ai[m], _mm256_add_epi32(p0, p1));
+                ai[m] = dpwssd(ai[m], _mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)xp)), s0);
+                ai[m] = dpwssd(ai[m], _mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(xp + 32))), s1);
             }
         }
         /* the mins times the activation sums: sub-block b covers the 16-sums 2b and 2b + 1 */
@@ -525,7 +545,7 @@ static inline __attribute__((always_inline)) void q6k_tile(
                 const __m256i s16 = _mm256_set_m128i(_mm_set1_epi16(sc[8 * g + 2 * r + 1]), _mm_set1_epi16(sc[8 * g + 2 * r]));
                 for (int m = 0; m < MT; m++) {
                     const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)m * K + s * 256 + 128 * g + 32 * r));
-                    ai[m] = _mm256_add_epi32(ai[m], _mm256_madd_epi16(_mm256_maddubs_epi16(u[r], xv), s16));
+                    ai[m] = dpwssd(ai[m], _mm256_maddubs_epi16(u[r], xv), s16);
                 }
             }
         }
@@ -632,6 +652,15 @@ static void kquant_rows(int o0, int o1, const int8_t *xq, const float *dk, const
 }
 
 static inline int is_kquant(int qtype) { return qtype == QT_Q4_K || qtype == QT_Q6_K; }
+
+/* 1 where the K-quant kernels were built with VNNI's vpdpwssd (for bench output). */
+int gguf_kquant_vnni(void) {
+#if Q8_ISA
+    return KQUANT_VNNI;
+#else
+    return 0;
+#endif
+}
 
 /* Activation rounding of the K-quant kernels (for tests and the PyTorch reference). */
 void gguf_quantize_rows_k(const float *x, int M, int K, int8_t *xq, float *dk, int16_t *bsum) {

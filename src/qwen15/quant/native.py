@@ -97,6 +97,7 @@ def load_library() -> ctypes.CDLL | None:
             lib.gguf_dequantize.restype = None
             lib.blockint8_exact_isa.restype = I
             lib.blockint8_q8_isa.restype = I
+            lib.gguf_kquant_vnni.restype = I
             _lib = lib
         except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch path
             warnings.warn(f"qwen15: block-int8 C kernel unavailable ({e}); using the slower PyTorch path",
@@ -113,8 +114,10 @@ def kernel_isa() -> dict[str, str]:
     """Which instruction set each kernel was built for on this machine (for bench output and tests)."""
     lib = load_library()
     if lib is None:
-        return {"f32": "pytorch", "q8": "pytorch"}
-    return {"f32": ISA_NAMES[lib.blockint8_exact_isa()], "q8": ISA_NAMES[lib.blockint8_q8_isa()]}
+        return {"f32": "pytorch", "q8": "pytorch", "kquant": "pytorch"}
+    q8 = ISA_NAMES[lib.blockint8_q8_isa()]
+    return {"f32": ISA_NAMES[lib.blockint8_exact_isa()], "q8": q8,
+            "kquant": q8 + (" + VNNI" if lib.gguf_kquant_vnni() else "")}
 
 
 def block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
