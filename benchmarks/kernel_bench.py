@@ -95,7 +95,7 @@ def main() -> None:
                                  "ms": round(ms, 4), "gb_s": round(w.nbytes / ms / 1e6, 2),
                                  "gmac_s": round(M * O * K / ms / 1e6, 2)})
     isa = kernel_isa()
-    isa = f"{isa['q8']}; Q4_K/Q6_K: {isa['kquant']}"
+    isa = f"{isa['q8']}; Q4_K/Q6_K: {isa.get('kquant', isa['q8'])}"  # .get: older checkouts, for A/B runs
     cpu = cpu_isa()
     if args.json:
         print(json.dumps({"isa": isa, "cpu": cpu, "model": str(path), "rows": rows}))
