@@ -5,6 +5,10 @@ benchmarks/.venvs (never into the project's), then every system runs in a fresh 
 rounds interleaved, and the medians go into a markdown table and a bar chart.
 
     .venv/bin/python benchmarks/compare.py --rounds 2 --threads 2
+    .venv/bin/python benchmarks/compare.py --model qwen2.5-coder-1.5b-instruct --systems llama.cpp,qwen15
+
+The default model's table goes to results/compare.md, another model's to results/compare_<file stem>.md,
+so the tables stand side by side. Every title names the CPU's vector extensions (AVX2, AVX-512, VNNI).
 """
 
 from __future__ import annotations
@@ -122,7 +126,10 @@ def main() -> None:
         py = ensure_venv("transformers", ["torch==2.13.0", "transformers", "accelerate", "gguf"])
         commands["transformers"] = [str(py), "-c", TRANSFORMERS, payload]
     if "qwen15" in systems:
-        commands["qwen15"] = [str(ROOT / ".venv" / "bin" / "qwen15"), "bench", "--model", str(gguf),
+        qwen15 = ROOT / ".venv" / "bin" / "qwen15"
+        if not qwen15.exists():  # a worktree without its own venv: the interpreter running this script
+            qwen15 = Path(sys.executable).parent / "qwen15"
+        commands["qwen15"] = [str(qwen15), "bench", "--model", str(gguf),
                               "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
                               "--threads", str(args.threads), "--json"]
 
@@ -134,8 +141,10 @@ def main() -> None:
             print(f"[compare] round {r + 1} {name}: " + ", ".join(f"{k} {row[k]:.2f}" for k in METRICS), flush=True)
     medians = {name: {k: statistics.median(row[k] for row in rows) for k in METRICS} for name, rows in results.items()}
 
+    from kernel_bench import cpu_isa  # this directory is on sys.path when run as a script
+
     title = (f"{gguf.name}, {len(ids)}-token prompt, {args.gen_tokens} greedy tokens, {args.threads} threads, "
-             f"medians of {args.rounds} interleaved rounds")
+             f"medians of {args.rounds} interleaved rounds; CPU: {cpu_isa()}")
     lines = [title, "", "| system | load s | prefill tok/s | decode tok/s | peak RSS MB |", "|---|---|---|---|---|"]
     for name, m in medians.items():
         lines.append(f"| {name} | {m['load_s']:.2f} | {m['prefill_tok_s']:.1f} | {m['decode_tok_s']:.1f} | "
@@ -144,8 +153,9 @@ def main() -> None:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(table + "\n")
-    (out / "compare.json").write_text(json.dumps({"title": title, "medians": medians, "rounds": results}, indent=1))
+    stem = "compare" if args.model == ap.get_default("model") else f"compare_{gguf.stem}"
+    (out / f"{stem}.md").write_text(table + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"title": title, "medians": medians, "rounds": results}, indent=1))
     try:
         import matplotlib
 
@@ -164,8 +174,8 @@ def main() -> None:
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=110)
-    print(f"[compare] wrote {out / 'compare.md'} and {out / 'compare.png'}")
+    fig.savefig(out / f"{stem}.png", dpi=110)
+    print(f"[compare] wrote {out / f'{stem}.md'} and {out / f'{stem}.png'}")
 
 
 if __name__ == "__main__":

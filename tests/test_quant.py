@@ -476,10 +476,11 @@ def test_repack_cache_damaged_file_is_rebuilt_and_can_be_turned_off(tmp_path, mo
 
 # ---- GGUF blocks read as the file stores them (gguf_kernels.c) --------------------------------------
 
-@pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [t for t in PACKED if t not in native.K_QUANT_TYPES], ids=lambda t: t.name)
 def test_packed_kernels_equal_the_block_int8_kernels_bit_for_bit(lib, qtype):
-    """The packed kernels unpack each block into exactly the BlockInt8 form: dequantization equals gguf's,
-    and the q8 matmul (decode rows, a batch, a prefill through panels) equals the block-int8 one."""
+    """The packed kernels of the 32-weight types unpack each block into exactly the BlockInt8 form:
+    dequantization equals gguf's, and the q8 matmul (decode rows, a batch, a prefill through panels) equals
+    the block-int8 one. (Q4_K and Q6_K round activations per 256 instead: tests/test_kquant.py.)"""
     rng = np.random.default_rng(int(qtype) + 7)
     O, K = 40, 768
     raw = np.ascontiguousarray(_raw(qtype, O, K, rng))
@@ -506,8 +507,9 @@ def test_packed_types_and_shapes():
 
 
 def test_packed_model_equals_the_block_int8_model(tmp_path, monkeypatch, lib):
-    """quant="gguf" (the file's blocks, mixed types as a Q4_K_M file has them) and quant="gguf"
-    (everything converted) give the same logits bit for bit, through the C layers and through PyTorch."""
+    """quant="gguf" (the file's blocks, mixed types as a Q4_K_M file has them) gives the same logits bit for
+    bit from the repack cache, through the C layers and through PyTorch; quant="gguf-int8" (everything
+    converted) the same up to Q4_K/Q6_K's activation rounding (per 256 there, per 32 in block int8)."""
     from qwen15.engine.engine import LLM
     from qwen15.engine.kv_cache import KVCache
 
@@ -529,9 +531,9 @@ def test_packed_model_equals_the_block_int8_model(tmp_path, monkeypatch, lib):
     packed_bytes = sum(m.nbytes for m in packed.model.modules() if isinstance(m, QuantLinear))
     assert packed_bytes < 0.75 * sum(m.nbytes for m in converted.model.modules() if isinstance(m, QuantLinear))
     ids = torch.randint(0, 27, (1, 9))
+    outs = []
     for native_layers in ("1", "0"):
         monkeypatch.setenv("QWEN15_NATIVE_LAYERS", native_layers)
-        outs = []
         for llm in (packed, converted, again):
             llm.model._native = None
             cache = KVCache(config, 16)
@@ -540,4 +542,6 @@ def test_packed_model_equals_the_block_int8_model(tmp_path, monkeypatch, lib):
                 steps = [llm.model(ids[:, i:i + 1], cache=cache, start_pos=i) for i in range(6, 9)]
             assert bool(llm.model._native) == (native_layers == "1")
             outs.append(torch.cat([first, *steps], dim=1))
-        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    p1, c1, a1, p0, c0, a0 = outs
+    assert torch.equal(p1, a1) and torch.equal(p0, a0)
+    assert float((p1 - c1).abs().max() / c1.abs().max()) < 2e-2 and float((p0 - c0).abs().max() / c0.abs().max()) < 2e-2

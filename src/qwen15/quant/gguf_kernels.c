@@ -335,11 +335,358 @@ static void packed_rows(int o0, int o1, const int8_t *xq, const float *dx, const
 #undef ROWS
 }
 
+/* ---------------------------------------------------------------- K-quants against Q8_K activations
+
+   Q4_K and Q6_K rows multiply activations rounded to int8 per super-block of 256 with one float scale
+   (llama.cpp's Q8_K: dk = max|x| / 127, xq = round(x / dk), ties to even), with the sums of every 16
+   int8 values kept beside them. One activation scale per super-block means a super-block's products
+   need no float work: the 6- or 8-bit sub-block scales multiply integer dot products (madd), Q4_K's
+   mins multiply the activation sums and Q6_K's -32 does too, all exactly in int32. Each (weight row,
+   activation row, super-block) gives one exact integer, so the float part of a row is fixed:
+
+       acc = 0; for each super-block s in order:
+           acc = fma(d_s * dk_s, isum_s, acc)            (Q4_K and Q6_K)
+           acc = fma(-(dmin_s * dk_s), msum_s, acc)      (Q4_K only: the mins)
+
+   and the result cannot depend on how rows are tiled, how many activation rows share a weight load,
+   or which thread computes it: a row alone and the same row in a batch of any size give the same bits
+   (integer sums are exact in any order). The plain C path below computes the same integers and the same
+   fmas, so it gives the same bits too. Bounds: Q4_K's pairs 2 * 15 * 127, Q6_K's stored 0..63 pairs
+   2 * 63 * 127 stay below the int16 limit of maddubs; a super-block's sum is below 2^28. */
+
+/* x [M, K] -> xq int8 [M, K], dk [M, K/256], bsum int16 [M, K/16] (K % 256 == 0). */
+static void quantize_rows_k(const float *x, int M, int K, int8_t *xq, float *dk, int16_t *bsum) {
+    const int ns = K / 256;
+    for (int m = 0; m < M; m++) {
+        for (int s = 0; s < ns; s++) {
+            const float *xp = x + (size_t)m * K + s * 256;
+            int8_t *qp = xq + (size_t)m * K + s * 256;
+            int16_t *bp = bsum + (size_t)m * (K / 16) + s * 16;
+#if defined(__AVX2__)
+            const __m256 sign = _mm256_set1_ps(-0.f);
+            __m256 mx = _mm256_setzero_ps();
+            for (int k = 0; k < 256; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xp + k)));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float amax = _mm_cvtss_f32(h);
+            const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+            for (int k = 0; k < 256; k += 32) {
+                __m256i q[4];
+                for (int i = 0; i < 4; i++)
+                    q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xp + k + 8 * i), id),
+                                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                /* the sums of elements k..k+15 and k+16..k+31, exact in int32 */
+                const __m256i s01 = _mm256_add_epi32(q[0], q[1]), s23 = _mm256_add_epi32(q[2], q[3]);
+                const __m256i hs = _mm256_hadd_epi32(s01, s23);  /* [a01 a23 b01 b23 | a45 a67 b45 b67] */
+                const __m128i h2 = _mm_add_epi32(_mm256_castsi256_si128(hs), _mm256_extracti128_si256(hs, 1));
+                const __m128i h1 = _mm_hadd_epi32(h2, h2);
+                bp[k / 16] = (int16_t)_mm_cvtsi128_si32(h1);
+                bp[k / 16 + 1] = (int16_t)_mm_extract_epi32(h1, 1);
+                const __m256i p16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+                _mm256_storeu_si256((__m256i *)(qp + k),
+                                    _mm256_permutevar8x32_epi32(p16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+            }
+            dk[(size_t)m * ns + s] = amax / 127.f;
+#else
+            float amax = 0.f;
+            for (int j = 0; j < 256; j++) amax = fmaxf(amax, fabsf(xp[j]));
+            const float id = amax > 0.f ? 127.f / amax : 0.f;
+            for (int g = 0; g < 16; g++) {
+                int t = 0;
+                for (int j = 0; j < 16; j++) { qp[g * 16 + j] = (int8_t)nearbyintf(xp[g * 16 + j] * id); t += qp[g * 16 + j]; }
+                bp[g] = (int16_t)t;
+            }
+            dk[(size_t)m * ns + s] = amax / 127.f;
+#endif
+        }
+    }
+}
+
+/* Q4_K: the 6-bit scales (sc[0..7]) and mins (mn[0..7]) of one super-block's 12 packed bytes. */
+static inline void q4k_scales(const uint8_t *s12, uint8_t *sc, uint8_t *mn) {
+    uint32_t u[3];
+    memcpy(u, s12, 12);
+    const uint32_t s_lo = u[0] & 0x3F3F3F3Fu, m_lo = u[1] & 0x3F3F3F3Fu;
+    const uint32_t s_hi = (u[2] & 0x0F0F0F0Fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    const uint32_t m_hi = ((u[2] >> 4) & 0x0F0F0F0Fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    memcpy(sc, &s_lo, 4); memcpy(sc + 4, &s_hi, 4);
+    memcpy(mn, &m_lo, 4); memcpy(mn + 4, &m_hi, 4);
+}
+
+#if Q8_ISA
+/* acc + the pairwise products of int16 a and b, summed in pairs: one vpdpwssd where the machine has VNNI
+   (AVX-512 VNNI with VL, or AVX-VNNI), madd + add otherwise. The same integers either way (no saturation,
+   and these sums stay far below 2^31), so the same bits. Built with -march=native, so the path is the
+   machine's; the VNNI lines are compile-checked only on the AVX2 machine these kernels were written on. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define KQUANT_VNNI 1
+static inline __attribute__((always_inline)) __m256i dpwssd(__m256i acc, __m256i a, __m256i b) {
+    return _mm256_dpwssd_epi32(acc, a, b);
+}
+#elif defined(__AVXVNNI__)
+#define KQUANT_VNNI 1
+static inline __attribute__((always_inline)) __m256i dpwssd(__m256i acc, __m256i a, __m256i b) {
+    return _mm256_dpwssd_avx_epi32(acc, a, b);
+}
+#else
+#define KQUANT_VNNI 0
+static inline __attribute__((always_inline)) __m256i dpwssd(__m256i acc, __m256i a, __m256i b) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+}
+#endif
+
+static inline __attribute__((always_inline)) int hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* Lane m (< MT) = the sum of v[m]'s eight lanes: eight rows' super-block sums reduced together (a tree of
+   hadds), ~7x fewer instructions than reducing each row alone. Exact: these are integers. */
+static inline __attribute__((always_inline)) __m256i hsum8_epi32(const __m256i *v, int MT) {
+    const __m256i z = _mm256_setzero_si256();
+    const __m256i t0 = _mm256_hadd_epi32(v[0], MT > 1 ? v[1] : z), t1 = _mm256_hadd_epi32(MT > 2 ? v[2] : z, MT > 3 ? v[3] : z);
+    const __m256i t2 = MT > 4 ? _mm256_hadd_epi32(v[4], MT > 5 ? v[5] : z) : z;
+    const __m256i t3 = MT > 6 ? _mm256_hadd_epi32(v[6], MT > 7 ? v[7] : z) : z;
+    const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+    /* u0 = [rows 0-3: elements 0-3 | rows 0-3: elements 4-7], u1 the same for rows 4-7 */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+/* The activation scales of super-block s for rows 0..MT-1 (row stride ns), lane m = row m. */
+static inline __attribute__((always_inline)) __m256 row_scales(const float *dk, int ns, int s, int MT) {
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(ns));
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(MT), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), dk + s, idx, _mm256_castsi256_ps(valid), 4);
+}
+
+/* One Q4_K weight row times MT activation rows (Q8_K), into acc[m] by the fixed float steps above. */
+static inline __attribute__((always_inline)) void q4k_tile(
+        const uint8_t *row, const int8_t *xq, const float *dk, const int16_t *bsum, int K, int MT, float *out) {
+    const int ns = K / 256;
+    float acc[1] = {0.f};  /* MT == 1 */
+    __m256 va = _mm256_setzero_ps();  /* MT > 1: row m's accumulator in lane m */
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int s = 0; s < ns; s++) {
+        const uint8_t *sb = row + s * 144;
+        uint8_t sc[8], mn[8];
+        q4k_scales(sb + 4, sc, mn);
+        __m256i ai[TILE];
+        for (int m = 0; m < MT; m++) ai[m] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {  /* 64 weights: 32 low nibbles (sub-block 2j), 32 high (2j + 1) */
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(sb + 16 + 32 * j));
+            const __m256i w0 = _mm256_and_si256(q, low4), w1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+            const __m256i s0 = _mm256_set1_epi16(sc[2 * j]), s1 = _mm256_set1_epi16(sc[2 * j + 1]);
+            for (int m = 0; m < MT; m++) {
+                const int8_t *xp = xq + (size_t)m * K + s * 256 + 64 * j;
+                ai[m] = dpwssd(ai[m], _mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)xp)), s0);
+                ai[m] = dpwssd(ai[m], _mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(xp + 32))), s1);
+            }
+        }
+        /* the mins times the activation sums: sub-block b covers the 16-sums 2b and 2b + 1 */
+        uint64_t mn8;
+        memcpy(&mn8, mn, 8);
+        const __m128i m8 = _mm_cvtsi64_si128((long long)mn8);
+        const __m256i mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+        const float d = half_to_float(sb), dmin = half_to_float(sb + 2);
+        if (MT == 1) {
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(bsum + s * 16));
+            const int isum = hsum_epi32(ai[0]), msum = hsum_epi32(_mm256_madd_epi16(bs, mins));
+            const float dy = dk[s];
+            acc[0] = fmaf(d * dy, (float)isum, acc[0]);
+            acc[0] = fmaf(-(dmin * dy), (float)msum, acc[0]);
+        } else {  /* the same steps with row m in lane m */
+            __m256i mv[TILE];
+            for (int m = 0; m < MT; m++)
+                mv[m] = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(bsum + (size_t)m * (K / 16) + s * 16)), mins);
+            const __m256 dy = row_scales(dk, ns, s, MT);
+            va = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(d), dy), _mm256_cvtepi32_ps(hsum8_epi32(ai, MT)), va);
+            va = _mm256_fmadd_ps(_mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), dy), _mm256_set1_ps(-0.f)),
+                                 _mm256_cvtepi32_ps(hsum8_epi32(mv, MT)), va);
+        }
+    }
+    if (MT == 1) out[0] = acc[0];
+    else {
+        float lanes[8];
+        _mm256_storeu_ps(lanes, va);
+        for (int m = 0; m < MT; m++) out[m] = lanes[m];
+    }
+}
+
+/* One Q6_K weight row times MT activation rows (Q8_K). The stored values u = w + 32 (0..63) go into
+   maddubs unsigned; the 32 * x they add back is taken out once a super-block from the 16-sums. */
+static inline __attribute__((always_inline)) void q6k_tile(
+        const uint8_t *row, const int8_t *xq, const float *dk, const int16_t *bsum, int K, int MT, float *out) {
+    const int ns = K / 256;
+    float acc[1] = {0.f};  /* MT == 1 */
+    __m256 va = _mm256_setzero_ps();  /* MT > 1: row m's accumulator in lane m */
+    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3);
+    for (int s = 0; s < ns; s++) {
+        const uint8_t *sb = row + s * 210;
+        const int8_t *sc = (const int8_t *)(sb + 192);
+        __m256i ai[TILE];
+        for (int m = 0; m < MT; m++) ai[m] = _mm256_setzero_si256();
+        for (int g = 0; g < 2; g++) {  /* halves of 128: ql's 64 bytes give low nibbles then high, qh 2 bits each */
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(sb + 64 * g));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(sb + 64 * g + 32));
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)(sb + 128 + 32 * g));
+            __m256i u[4];
+            u[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4));
+            u[1] = _mm256_or_si256(_mm256_and_si256(l1, low4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4));
+            u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4));
+            u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4));
+            for (int r = 0; r < 4; r++) {
+                /* elements 0-15 of this block take scale 8g + 2r, elements 16-31 scale 8g + 2r + 1 */
+                const __m256i s16 = _mm256_set_m128i(_mm_set1_epi16(sc[8 * g + 2 * r + 1]), _mm_set1_epi16(sc[8 * g + 2 * r]));
+                for (int m = 0; m < MT; m++) {
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)m * K + s * 256 + 128 * g + 32 * r));
+                    ai[m] = dpwssd(ai[m], _mm256_maddubs_epi16(u[r], xv), s16);
+                }
+            }
+        }
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+        const float d = half_to_float(sb + 208);
+        for (int m = 0; m < MT; m++) {
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(bsum + (size_t)m * (K / 16) + s * 16));
+            const __m256i corr = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);  /* 32 * sum scale * x */
+            ai[m] = _mm256_sub_epi32(ai[m], corr);
+        }
+        if (MT == 1) acc[0] = fmaf(d * dk[s], (float)hsum_epi32(ai[0]), acc[0]);
+        else  /* the same step with row m in lane m */
+            va = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(d), row_scales(dk, ns, s, MT)),
+                                 _mm256_cvtepi32_ps(hsum8_epi32(ai, MT)), va);
+    }
+    if (MT == 1) out[0] = acc[0];
+    else {
+        float lanes[8];
+        _mm256_storeu_ps(lanes, va);
+        for (int m = 0; m < MT; m++) out[m] = lanes[m];
+    }
+}
+
+#else
+
+/* Plain C: the same integers, the same fmas. */
+static inline void q4k_tile(const uint8_t *row, const int8_t *xq, const float *dk, const int16_t *bsum, int K,
+                            int MT, float *out) {
+    const int ns = K / 256;
+    for (int m = 0; m < MT; m++) {
+        float acc = 0.f;
+        for (int s = 0; s < ns; s++) {
+            const uint8_t *sb = row + s * 144;
+            uint8_t sc[8], mn[8];
+            q4k_scales(sb + 4, sc, mn);
+            const int8_t *xp = xq + (size_t)m * K + s * 256;
+            const int16_t *bp = bsum + (size_t)m * (K / 16) + s * 16;
+            int isum = 0, msum = 0;
+            for (int b = 0; b < 8; b++) {
+                const uint8_t *qs = sb + 16 + (b / 2) * 32;
+                int t = 0;
+                for (int j = 0; j < 32; j++) t += ((qs[j] >> (4 * (b % 2))) & 0x0F) * xp[b * 32 + j];
+                isum += sc[b] * t;
+                msum += mn[b] * (bp[2 * b] + bp[2 * b + 1]);
+            }
+            const float dy = dk[(size_t)m * ns + s];
+            acc = fmaf(half_to_float(sb) * dy, (float)isum, acc);
+            acc = fmaf(-(half_to_float(sb + 2) * dy), (float)msum, acc);
+        }
+        out[m] = acc;
+    }
+}
+
+static inline void q6k_tile(const uint8_t *row, const int8_t *xq, const float *dk, const int16_t *bsum, int K,
+                            int MT, float *out) {
+    const int ns = K / 256;
+    int8_t w[32];
+    for (int m = 0; m < MT; m++) {
+        float acc = 0.f;
+        for (int s = 0; s < ns; s++) {
+            const uint8_t *sb = row + s * 210;
+            const int8_t *sc = (const int8_t *)(sb + 192), *xp = xq + (size_t)m * K + s * 256;
+            int isum = 0;
+            for (int b = 0; b < 8; b++) {
+                unpack32(row, QT_Q6_K, s * 8 + b, w);
+                for (int h = 0; h < 2; h++) {
+                    int t = 0;
+                    for (int j = 0; j < 16; j++) t += w[h * 16 + j] * xp[b * 32 + h * 16 + j];
+                    isum += sc[2 * b + h] * t;
+                }
+            }
+            (void)bsum;
+            acc = fmaf(half_to_float(sb + 208) * dk[(size_t)m * ns + s], (float)isum, acc);
+        }
+        out[m] = acc;
+    }
+}
+#endif
+
+/* Output column o of a K-quant matrix for all M activation rows (qtype a constant in each caller). */
+static inline __attribute__((always_inline)) void kquant_row_t(
+        int o, const int8_t *xq, const float *dk, const int16_t *bsum, int M, int K, const uint8_t *raw,
+        const int qtype, float *y, long ldy) {
+    const uint8_t *row = raw + (size_t)o * gguf_row_bytes(qtype, K);
+    float out[TILE];
+    for (int m0 = 0; m0 < M; m0 += TILE) {
+        const int mt = M - m0 < TILE ? M - m0 : TILE;
+        const int8_t *xm = xq + (size_t)m0 * K;
+        const float *dm = dk + (size_t)m0 * (K / 256);
+        const int16_t *bm = bsum + (size_t)m0 * (K / 16);
+#define KQ(n) if (qtype == QT_Q4_K) q4k_tile(row, xm, dm, bm, K, n, out); else q6k_tile(row, xm, dm, bm, K, n, out)
+        DISPATCH_TILE(KQ)
+#undef KQ
+        for (int m = 0; m < mt; m++) y[(size_t)(m0 + m) * ldy + o] = out[m];
+    }
+}
+
+static void kquant_rows(int o0, int o1, const int8_t *xq, const float *dk, const int16_t *bsum, int M, int K,
+                        const uint8_t *raw, int qtype, float *y, long ldy) {
+    if (qtype == QT_Q4_K)
+        for (int o = o0; o < o1; o++) kquant_row_t(o, xq, dk, bsum, M, K, raw, QT_Q4_K, y, ldy);
+    else
+        for (int o = o0; o < o1; o++) kquant_row_t(o, xq, dk, bsum, M, K, raw, QT_Q6_K, y, ldy);
+}
+
+static inline int is_kquant(int qtype) { return qtype == QT_Q4_K || qtype == QT_Q6_K; }
+
+/* 1 where the K-quant kernels were built with VNNI's vpdpwssd (for bench output). */
+int gguf_kquant_vnni(void) {
+#if Q8_ISA
+    return KQUANT_VNNI;
+#else
+    return 0;
+#endif
+}
+
+/* Activation rounding of the K-quant kernels (for tests and the PyTorch reference). */
+void gguf_quantize_rows_k(const float *x, int M, int K, int8_t *xq, float *dk, int16_t *bsum) {
+    quantize_rows_k(x, M, K, xq, dk, bsum);
+}
+
 /* y [M, O] = x [M, K] @ W.T for packed W (K % 32 == 0; K % 256 == 0 for the K-quants; the caller checks),
-   activations rounded to int8 per 32 as blockint8_matmul_q8 does. xsum: float sums of x per 32 (Q4_K
+   activations rounded to int8 per 32 as blockint8_matmul_q8 does (per 256 for Q4_K and Q6_K: Q8_K, above). xsum: float sums of x per 32 (Q4_K
    only, else NULL). Returns 0, or -1 when the activation buffers cannot be allocated. */
 int gguf_matmul_q8(const float *x, const float *xsum, int M, int K, const uint8_t *raw, int qtype, int O,
                    float *y, int nthreads) {
+    if (is_kquant(qtype)) {  /* Q8_K activations (xsum unused) */
+        int8_t *xq = malloc((size_t)M * K);
+        float *dk = malloc((size_t)M * (K / 256) * sizeof(float));
+        int16_t *bs = malloc((size_t)M * (K / 16) * sizeof(int16_t));
+        if (!xq || !dk || !bs) { free(xq); free(dk); free(bs); return -1; }
+        quantize_rows_k(x, M, K, xq, dk, bs);
+#pragma omp parallel num_threads(nthreads)
+        {
+            int o0, o1;
+            share(O, omp_get_thread_num(), omp_get_num_threads(), 8, &o0, &o1);
+            kquant_rows(o0, o1, xq, dk, bs, M, K, raw, qtype, y, O);
+        }
+        free(xq); free(dk); free(bs);
+        return 0;
+    }
     int8_t *xq = malloc((size_t)M * K);
     float *dx = malloc((size_t)M * (K / 32) * sizeof(float));
     if (!xq || !dx) { free(xq); free(dx); return -1; }

@@ -82,10 +82,13 @@ typedef struct {  /* activation buffers shared by the team for one matmul at a t
 static void qmat_mul_team(const QMat *w, const float *x, int M, float *y, MatScratch *s, Barrier *bar,
                           int tid, int nt) {
     const int K = w->in, packed = w->raw != NULL, block = packed ? 32 : w->block, nb = K / block;
-    const int sums = packed ? w->qtype == QT_Q4_K : w->offset != NULL;  /* types with mins need sum(x) a block */
+    const int kq = packed && is_kquant(w->qtype);  /* Q8_K activations: dx holds K/256 scales, xsum int16 16-sums */
+    const int sums = packed ? 0 : w->offset != NULL;  /* block int8 with offsets needs float sum(x) a block */
     for (int m = tid; m < M; m += nt) {
         const float *xm = x + (size_t)m * K;
-        if (w->q8 || packed) quantize_rows(xm, 1, K, s->xq + (size_t)m * K, s->dx + (size_t)m * (K / 32));
+        if (kq) quantize_rows_k(xm, 1, K, s->xq + (size_t)m * K, s->dx + (size_t)m * (K / 256),
+                                (int16_t *)s->xsum + (size_t)m * (K / 16));
+        else if (w->q8 || packed) quantize_rows(xm, 1, K, s->xq + (size_t)m * K, s->dx + (size_t)m * (K / 32));
         if (sums)
             for (int b = 0; b < nb; b++) {
                 float t = 0.f;
@@ -96,7 +99,9 @@ static void qmat_mul_team(const QMat *w, const float *x, int M, float *y, MatScr
     barrier_wait(bar, nt);
     int o0, o1;
     share(w->out, tid, nt, 8, &o0, &o1);
-    if (packed)
+    if (kq)
+        kquant_rows(o0, o1, s->xq, s->dx, (const int16_t *)s->xsum, M, K, w->raw, w->qtype, y, w->out);
+    else if (packed)
         packed_rows(o0, o1, s->xq, s->dx, s->xsum, M, K, w->raw, w->qtype, y, w->out);
     else if (w->q8)
         for (int o = o0; o < o1; o++) q8_row(o, s->xq, s->dx, s->xsum, M, K, w->q, w->scale, w->offset, w->block, w->out, y);
