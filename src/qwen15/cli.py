@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from .train.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
