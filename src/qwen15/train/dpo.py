@@ -10,6 +10,8 @@ The training loop is sft.py's; this file adds the data, the reference and the lo
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 import torch
@@ -135,3 +137,13 @@ def dpo(model: str | None = None, data: str = "", out: str = "", *, on_step=None
         raise TrainError(f"unknown option(s) {', '.join(bad)}: expected some of {', '.join(sorted(known))}")
     opts = Options(model=model, data=str(data), out=str(out), **options)
     return run(opts, dpo_task, "dpo", on_step)
+
+
+class _CallableModule(types.ModuleType):
+    """`qwen15.train.dpo(...)` calls the function even once this module is imported (see sft.py)."""
+
+    def __call__(self, *args, **kwargs):
+        return dpo(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -21,6 +21,7 @@ import random
 import signal
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -424,3 +425,14 @@ def sft(model: str | None = None, data: str = "", out: str = "", *, on_step=None
         raise TrainError(f"unknown option(s) {', '.join(bad)}: expected some of {', '.join(sorted(known))}")
     opts = Options(model=model, data=str(data), out=str(out), **options)
     return run(opts, sft_task, "sft", on_step)
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this module binds `qwen15.train.sft` to it, over the function of that name that the package
+    exports: calling the module calls the function, so `qwen15.train.sft(...)` works either way."""
+
+    def __call__(self, *args, **kwargs):
+        return sft(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
