@@ -241,14 +241,15 @@ def _run(opts, make_task, kind, on_step, world: World, out: Path, log) -> Result
     if opts.grad_checkpointing:
         enable_grad_checkpointing(net)
     root = CausalLM(net)
-    trained = [p for p in root.parameters() if p.requires_grad]
-    log(f"{kind}: training {sum(p.numel() for p in trained):,} of {sum(p.numel() for p in root.parameters()):,} "
+    n_trained = sum(p.numel() for p in root.parameters() if p.requires_grad)
+    log(f"{kind}: training {n_trained:,} of {sum(p.numel() for p in root.parameters()):,} "
         f"parameters ({'full' if opts.full else f'LoRA r={opts.lora_r} alpha={opts.lora_alpha:g}'}), "
         f"world size {world.size}")
     if task.before_training is not None:
         task.before_training(root)  # e.g. DPO's reference log-probs, before sharding
     if world.distributed:
         shard(root, net.model.layers)
+    trained = [p for p in root.parameters() if p.requires_grad]  # after sharding: FSDP2 swaps in its own
 
     # The schedule: every epoch's micro-batches, grouped into steps of grad_accum x world size.
     per_step = opts.grad_accum * world.size
