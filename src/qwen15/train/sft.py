@@ -182,15 +182,18 @@ class Result:
 
 
 class _Stop:
-    """Ctrl-C sets a flag; the loop finishes its step, saves a checkpoint and stops. A second Ctrl-C aborts."""
+    """Ctrl-C (or SIGTERM, which torchrun sends its workers on Ctrl-C) sets a flag; the loop finishes its step,
+    saves a checkpoint and stops. A second one aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.previous = {}
 
     def __enter__(self):
         if threading_main():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
@@ -201,8 +204,8 @@ class _Stop:
               file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
 
 
 def threading_main() -> bool:
