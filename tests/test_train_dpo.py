@@ -69,3 +69,17 @@ def test_full_dpo_step0_ln2_and_loss_matches_transformers(tmp_path, tiny_dir):
     assert step["eval_loss"] == pytest.approx(loss, rel=1e-5) and step["eval_loss"] < math.log(2)
     assert step["eval_rewards/margin"] == pytest.approx(margin, rel=1e-4, abs=1e-6)
     assert step["eval_rewards/accuracy"] == accuracy
+
+
+def test_lora_dpo_reference_is_the_base_without_the_adapter(tmp_path, tiny_dir):
+    """With LoRA the reference is the same model with the adapter off: step 0 is ln 2 exactly."""
+    from qwen15.train import dpo
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
+    result = dpo(str(tiny_dir), pairs, tmp_path / "lora", max_steps=2, batch_tokens=64, grad_accum=2, lr=1e-2,
+                 warmup=0, threads=2)
+    first, second = result.metrics
+    assert first["loss"] == math.log(2) or first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert first["rewards/margin"] == 0.0
+    assert second["rewards/margin"] != 0.0  # the adapter moved the policy away from the reference
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()

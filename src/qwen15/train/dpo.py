@@ -89,9 +89,9 @@ def dpo_task(tokenizer, opts: Options, world: World, log) -> Task:
     def reference_logps(root: CausalLM, idx: list[int]) -> tuple[Tensor, Tensor]:
         if reference:  # --full: computed once before training
             return reference["chosen"][idx], reference["rejected"][idx]
-        from .. import lora
+        from .adapter import disabled
 
-        with torch.no_grad(), lora.disabled(root.net):  # LoRA: the base is the reference
+        with torch.no_grad(), disabled(root.net):  # LoRA: the base is the reference
             return sequence_logps(root, pairs, idx, pad)
 
     def before_training(root: CausalLM) -> None:

@@ -128,16 +128,16 @@ def make_trainable(net, opts: Options, base_name: str):
         for p in net.parameters():
             p.requires_grad_(True)
         return None
-    from .. import lora
+    from . import adapter
 
     for p in net.parameters():
         p.requires_grad_(False)
-    lora.apply_lora(net, r=opts.lora_r, alpha=opts.lora_alpha, dropout=opts.lora_dropout,
-                    targets=targets(opts.target))
+    names = targets(opts.target)
+    adapter.apply_lora(net, r=opts.lora_r, alpha=opts.lora_alpha, dropout=opts.lora_dropout, targets=names)
 
     def save_adapter(directory: Path, trained: dict[str, torch.Tensor]) -> None:
-        lora.save_adapter(net, directory, base_model=base_name,
-                          weights={k.removeprefix("net."): v for k, v in trained.items()})
+        adapter.save_peft(directory, {k.removeprefix("net."): v for k, v in trained.items()}, opts.lora_r,
+                          opts.lora_alpha, opts.lora_dropout, names, base_name)
     return save_adapter
 
 
