@@ -15,6 +15,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", dest="full", action="store_false", help="train a LoRA adapter (default)")
     mode.add_argument("--full", dest="full", action="store_true", help="train every weight")
+    p.set_defaults(full=False)  # store_false above would otherwise make --full the default
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
