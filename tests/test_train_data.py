@@ -103,6 +103,7 @@ GOOD = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "co
     ({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'wizard'"),
     ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn"),
     ({"question": "x"}, "expected 'messages'"),
+    ({"messages": [{"role": "assistant", "content": "y"}]}, "starts with an assistant turn"),
     ({"prompt": "x"}, "needs both 'prompt' and 'completion'"),
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}, "content must be a string"),
     ([1, 2], "expected a JSON object"),

@@ -114,8 +114,10 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], where: str, tools: l
     full = render(messages, False)
     segments: list[tuple[str, bool]] = []  # (text, trained)
     done = 0  # characters of `full` already in segments
+    if trained_turns[0] == 0:
+        raise DataError(f"{where}: the conversation starts with an assistant turn: expected a system or user turn first")
     for i in trained_turns:
-        before, after = render(messages[:i], True) if i else "", render(messages[:i + 1], False)
+        before, after = render(messages[:i], True), render(messages[:i + 1], False)
         if not (after.startswith(before) and full.startswith(after) and len(before) >= done):
             raise DataError(f"{where}: the chat template does not render messages[:{i + 1}] as a prefix of the "
                             f"whole conversation, so the assistant turn cannot be located")
