@@ -10,7 +10,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="packaged name, hub name, local directory or .gguf file "
                                                   "(a GGUF is dequantized to float once for training)")
     p.add_argument("--data", required=True, help="training JSONL")
-    p.add_argument("--eval-data", default=None, help="held-out JSONL: its loss every --eval-every steps and at the end")
+    p.add_argument("--eval-data", default=None, help="held-out JSONL: its loss at the end, and every --eval-every steps")
     p.add_argument("--out", required=True, help="output directory: adapter or model, checkpoints, metrics.jsonl, loss.png")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", dest="full", action="store_false", help="train a LoRA adapter (default)")

@@ -298,7 +298,7 @@ def _run(opts, make_task, kind, on_step, world: World, out: Path, log) -> Result
             rng_at_step = checkpoint.rng_state()  # a checkpoint taken after this step resumes from here
             record = _train_step(root, task, steps[step], world, trained, opts.grad_clip, optimizer, scheduler)
             record = {"step": step + 1, **record}
-            if task.eval_microbatches and opts.eval_every and ((step + 1) % opts.eval_every == 0 or step + 1 == total):
+            if task.eval_microbatches and ((opts.eval_every and (step + 1) % opts.eval_every == 0) or step + 1 == total):
                 record.update(evaluate(root, task, world))
             runlog.step(record, int(record.pop("_tokens")))
             result.losses.append(record["loss"])
