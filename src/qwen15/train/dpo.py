@@ -89,7 +89,7 @@ def dpo_task(tokenizer, opts: Options, world: World, log) -> Task:
     def reference_logps(root: CausalLM, idx: list[int]) -> tuple[Tensor, Tensor]:
         if reference:  # --full: computed once before training
             return reference["chosen"][idx], reference["rejected"][idx]
-        from .adapter import disabled
+        from ..lora import disabled
 
         with torch.no_grad(), disabled(root.net):  # LoRA: the base is the reference
             return sequence_logps(root, pairs, idx, pad)

@@ -128,16 +128,17 @@ def make_trainable(net, opts: Options, base_name: str):
         for p in net.parameters():
             p.requires_grad_(True)
         return None
-    from . import adapter
+    from .. import lora
 
-    for p in net.parameters():
-        p.requires_grad_(False)
-    names = targets(opts.target)
-    adapter.apply_lora(net, r=opts.lora_r, alpha=opts.lora_alpha, dropout=opts.lora_dropout, targets=names)
+    lora.apply_lora(net, targets=targets(opts.target), r=opts.lora_r, alpha=opts.lora_alpha,
+                    dropout=opts.lora_dropout, freeze_base=True)
 
     def save_adapter(directory: Path, trained: dict[str, torch.Tensor]) -> None:
-        adapter.save_peft(directory, {k.removeprefix("net."): v for k, v in trained.items()}, opts.lora_r,
-                          opts.lora_alpha, opts.lora_dropout, names, base_name)
+        # trained: the gathered (unsharded) adapter tensors by their names under CausalLM:
+        # `net.<module>.lora_A.default.weight` -> PEFT's `base_model.model.<module>.lora_A.weight`.
+        state = {lora.PEFT_PREFIX + k.removeprefix("net.").replace(f".{lora.DEFAULT}.weight", ".weight"): v.float()
+                 for k, v in trained.items()}
+        lora.save_adapter(net, directory, base_model_name_or_path=base_name, state=state)
     return save_adapter
 
 
