@@ -161,8 +161,8 @@ def main() -> None:
                 print(json.dumps({k: r[k] for k in ("system", "grad_checkpointing", "tokens_per_s", "peak_rss_mb")}
                                  | {"step0_loss": r["losses"][0]}), flush=True)
                 runs.append(r)
-    Path(args.out + ".json").parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps(runs, indent=1))
+                Path(args.out + ".json").parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out + ".json").write_text(json.dumps(runs, indent=1))  # after each run: partial results survive
     lines = [f"# LoRA training: qwen15 vs transformers + PEFT ({args.model}, r16, 7 projections, "
              f"{args.seq_len}-token sequences, fp32, {args.threads} threads, {args.steps} steps x {args.rounds} rounds)",
              "", "| system | grad ckpt | step-0 loss | tokens/s | peak RSS MB |", "|---|---|---|---|---|"]
