@@ -347,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .cache_cli import add_cache_parser
 
     add_cache_parser(sub)
+
+    from .train.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
