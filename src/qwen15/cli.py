@@ -347,7 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .cache_cli import add_cache_parser
 
     add_cache_parser(sub)
-
     from .train.cli import add_train_parser
 
     add_train_parser(sub)
