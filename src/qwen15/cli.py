@@ -185,6 +185,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_merge(sub) -> None:
+    """`qwen15 train merge`, joining the `train` group where train/cli.py made it, else making it."""
+    import argparse as ap
+
+    from .train.merge import TYPES, cmd_merge
+
+    train = sub.choices.get("train") or sub.add_parser("train", help="fine-tune and merge adapters")
+    tsub = next((a for a in train._actions if isinstance(a, ap._SubParsersAction)), None) \
+        or train.add_subparsers(dest="train_command", required=True)
+    p = tsub.add_parser("merge", help="fold a LoRA adapter into its base: an HF directory, or a .gguf file")
+    p.add_argument("--model", default=None, help=f"the adapter's base (default: {DEFAULT_MODEL}); a GGUF is "
+                                                 "dequantized to float for the merge")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA directory (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output: a directory (Hugging Face checkpoint) or a file ending in .gguf")
+    p.add_argument("--type", choices=TYPES, default=None,
+                   help="weight type (default: bf16 for a directory, f16 for .gguf; q8_0 only for .gguf)")
+    p.set_defaults(func=cmd_merge)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help=f"packaged name, hub name (Qwen/Qwen1.5-0.5B-Chat), local directory or .gguf file "
@@ -286,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_eval_parser
 
     add_eval_parser(sub)
+    _add_train_merge(sub)
     return parser
 
 
