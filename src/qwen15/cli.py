@@ -66,8 +66,16 @@ def _sampling(args: argparse.Namespace, chat: bool):
 def _load(args: argparse.Namespace):
     from .engine.engine import LLM
 
+    if getattr(args, "lora", None):
+        from .lora import read_adapter
+
+        read_adapter(args.lora)  # a bad adapter directory fails before the (slow) load
     llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context,
                    compile=False if args.no_compile else None, quant=args.quant)
+    if getattr(args, "lora", None):  # unmerged: over a GGUF base, LoRA runs beside the compact matrices
+        from .lora import load_adapter
+
+        load_adapter(llm.model, args.lora)
     if getattr(args, "draft", None):
         llm.attach_draft(LLM.load(args.draft, device=args.device, context_length=args.context, quant=args.quant),
                          tokens=args.draft_tokens)
@@ -228,6 +236,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None, help="draft model for speculative decoding of greedy requests "
                                                  "(same tokenizer, e.g. the 0.5B for the 1.5B)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
+    p.add_argument("--lora", default=None, help="a PEFT LoRA adapter directory to run with (unmerged)")
 
 
 def build_parser() -> argparse.ArgumentParser:
