@@ -175,6 +175,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora_specs(specs: list[str], base_name: str) -> dict[str, str]:
+    """--lora NAME=DIR values -> {NAME: DIR}, each directory checked before the model loads."""
+    from .lora import read_adapter
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        lora_name, sep, path = spec.partition("=")
+        if not sep or not lora_name.strip() or not path.strip():
+            raise GenerationError(f"--lora {spec!r}: expected NAME=DIR (the model name clients send, and a PEFT "
+                                  "adapter directory)")
+        lora_name = lora_name.strip()
+        if lora_name == base_name or lora_name in out:
+            raise GenerationError(f"--lora {spec!r}: the name {lora_name!r} is already served: each adapter needs "
+                                  "its own name")
+        read_adapter(path)
+        out[lora_name] = path
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .engine.engine import LLM
     from .serve.app import ServerConfig, serve
@@ -182,11 +201,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("port", "max_batch", "max_queue", "token_budget", "kv_tokens", "block_size"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise GenerationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    name = args.served_model_name or str(args.model or DEFAULT_MODEL).rstrip("/").split("/")[-1].removesuffix(".gguf")
+    adapters = _lora_specs(args.lora or [], name)
     llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context,
                    compile=False, quant=args.quant)
-    name = args.served_model_name or str(args.model or DEFAULT_MODEL).rstrip("/").split("/")[-1].removesuffix(".gguf")
+    if adapters:
+        from .lora import load_adapter
+
+        for lora_name, path in adapters.items():
+            load_adapter(llm.model, path, name=lora_name, activate=False)
     config = ServerConfig(model_name=name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                          token_budget=args.token_budget, kv_tokens=args.kv_tokens, block_size=args.block_size)
+                          token_budget=args.token_budget, kv_tokens=args.kv_tokens, block_size=args.block_size,
+                          adapters=adapters)
     print(f"qwen15 serve: {name} on http://{args.host}:{args.port}/v1 (loaded in {llm.load_s:.1f}s)",
           file=sys.stderr, flush=True)
     serve(llm, config, host=args.host, port=args.port, log_level=args.log_level)
@@ -309,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf-int8",
                    help="weights on CPU (default gguf-int8: faster batches than gguf, more memory, same "
                         "results): see `qwen15 generate --help`")
+    p.add_argument("--lora", action="append", default=None, metavar="NAME=DIR",
+                   help="also serve a PEFT LoRA adapter as model NAME (repeatable); requests pick it by 'model'")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.set_defaults(func=cmd_serve)
     from .eval.cli import add_eval_parser

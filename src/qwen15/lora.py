@@ -131,8 +131,6 @@ class LoraLinear(nn.Module):
         self.scaling[name] = lora_scale(r, alpha, rslora)
         self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, alpha, rslora
         self.fused[name] = False
-        if self.active is None:
-            self.active = name
 
     def delta(self, name: str, x: Tensor) -> Tensor:
         """scale * B(A(dropout(x))) in float32."""
@@ -144,12 +142,12 @@ class LoraLinear(nn.Module):
         active = self.active
         if not self.enabled or active is None:
             return y
-        if isinstance(active, str):
-            return y + self.delta(active, x).to(y.dtype)
+        if isinstance(active, str):  # (an adapter may leave this layer out: then the base alone)
+            return y + self.delta(active, x).to(y.dtype) if active in self.lora_A else y
         # One adapter per batch row (serving several adapters in one batch): each adapter runs on its rows.
         if len(active) != x.shape[0]:
             raise ValueError(f"{len(active)} per-row adapters for a batch of {x.shape[0]} rows")
-        for name in dict.fromkeys(a for a in active if a is not None):
+        for name in dict.fromkeys(a for a in active if a in self.lora_A):
             rows = torch.tensor([i for i, a in enumerate(active) if a == name], device=x.device)
             y = y.index_add(0, rows, self.delta(name, x.index_select(0, rows)).to(y.dtype))
         return y
@@ -228,6 +226,7 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] = ALL_TARGETS, r: 
                 wrapped.append(f"{path}.{t}" if path else t)
     if not wrapped:
         raise AdapterError(f"no layer of the model matches the LoRA targets {names}")
+    set_adapter(model, name)
     if freeze_base:
         for pname, p in model.named_parameters():
             p.requires_grad_(".lora_A." in pname or ".lora_B." in pname)
