@@ -263,6 +263,17 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(n for _, m in lora_layers(model) for n in m.lora_A))
 
 
+def peft_key(state_key: str, name: str = DEFAULT) -> str | None:
+    """A model state-dict key of adapter `name` -> its key in adapter_model.safetensors, else None:
+    `model.layers.0.self_attn.q_proj.lora_A.default.weight` -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`
+    (for tensors gathered elsewhere, e.g. from FSDP shards, then written with save_adapter(state=...))."""
+    for ab in ("lora_A", "lora_B"):
+        suffix = f".{ab}.{name}.weight"
+        if state_key.endswith(suffix):
+            return f"{PEFT_PREFIX}{state_key[: -len(suffix)]}.{ab}.weight"
+    return None
+
+
 def peft_state_dict(model: nn.Module, name: str = DEFAULT) -> dict[str, Tensor]:
     """The adapter's tensors under PEFT's saved names (`base_model.model.<module>.lora_A.weight`), float32, CPU."""
     out = {}
