@@ -94,6 +94,7 @@ def test_qwen15_adapter_loads_in_peft(tmp_path):
     from safetensors.torch import load_file
 
     keys = load_file(str(out / "adapter_model.safetensors"))
+    assert {lora.peft_key(k) for k in ours.state_dict() if ".lora_" in k} == set(keys)
     assert keys["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (4, 64)
     assert keys["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (64, 4)
 

@@ -84,8 +84,16 @@ def _sampling(args: argparse.Namespace, chat: bool):
 def _load(args: argparse.Namespace):
     from .engine.engine import LLM
 
+    if getattr(args, "lora", None):
+        from .lora import read_adapter
+
+        read_adapter(args.lora)  # a bad adapter directory fails before the (slow) load
     llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context,
                    compile=False if args.no_compile else None, quant=args.quant)
+    if getattr(args, "lora", None):  # unmerged: over a GGUF base, LoRA runs beside the compact matrices
+        from .lora import load_adapter
+
+        load_adapter(llm.model, args.lora)
     if getattr(args, "draft", None):
         llm.attach_draft(LLM.load(args.draft, device=args.device, context_length=args.context, quant=args.quant),
                          tokens=args.draft_tokens)
@@ -209,11 +217,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora_specs(specs: list[str], base_name: str) -> dict[str, str]:
+    """--lora NAME=DIR values -> {NAME: DIR}, each directory checked before the model loads."""
+    from .lora import read_adapter
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        lora_name, sep, path = spec.partition("=")
+        if not sep or not lora_name.strip() or not path.strip():
+            raise GenerationError(f"--lora {spec!r}: expected NAME=DIR (the model name clients send, and a PEFT "
+                                  "adapter directory)")
+        lora_name = lora_name.strip()
+        if lora_name == base_name or lora_name in out:
+            raise GenerationError(f"--lora {spec!r}: the name {lora_name!r} is already served: each adapter needs "
+                                  "its own name")
+        read_adapter(path)
+        out[lora_name] = path
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _precheck(args)
     for name in ("port", "max_batch", "max_queue", "token_budget", "kv_tokens", "block_size"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise GenerationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    name = args.served_model_name or str(args.model or DEFAULT_MODEL).rstrip("/").split("/")[-1].removesuffix(".gguf")
+    adapters = _lora_specs(args.lora or [], name)
     from .checks import check_port_free
 
     check_port_free(args.host, args.port)  # before the load, not after it
@@ -222,16 +251,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context,
                    compile=False, quant=args.quant)
-    name = args.served_model_name or str(args.model or DEFAULT_MODEL).rstrip("/").split("/")[-1].removesuffix(".gguf")
+    if adapters:
+        from .lora import load_adapter
+
+        for lora_name, path in adapters.items():
+            load_adapter(llm.model, path, name=lora_name, activate=False)
     config = ServerConfig(model_name=name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                           token_budget=args.token_budget, kv_tokens=args.kv_tokens, block_size=args.block_size,
-                          ui=not args.no_ui)
+                          ui=not args.no_ui, adapters=adapters)
     print(f"qwen15 serve: {name} on http://{args.host}:{args.port}/v1 (loaded in {llm.load_s:.1f}s)",
           file=sys.stderr, flush=True)
     if config.ui:
         print(f"qwen15 serve: chat page at http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     serve(llm, config, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _add_train_merge(sub) -> None:
+    """`qwen15 train merge`, joining the `train` group where train/cli.py made it, else making it."""
+    import argparse as ap
+
+    from .train.merge import TYPES, cmd_merge
+
+    train = sub.choices.get("train") or sub.add_parser("train", help="fine-tune and merge adapters")
+    tsub = next((a for a in train._actions if isinstance(a, ap._SubParsersAction)), None) \
+        or train.add_subparsers(dest="train_command", required=True)
+    p = tsub.add_parser("merge", help="fold a LoRA adapter into its base: an HF directory, or a .gguf file")
+    p.add_argument("--model", default=None, help=f"the adapter's base (default: {DEFAULT_MODEL}); a GGUF is "
+                                                 "dequantized to float for the merge")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA directory (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output: a directory (Hugging Face checkpoint) or a file ending in .gguf")
+    p.add_argument("--type", choices=TYPES, default=None,
+                   help="weight type (default: bf16 for a directory, f16 for .gguf; q8_0 only for .gguf)")
+    p.set_defaults(func=cmd_merge)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -259,6 +311,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None, help="draft model for speculative decoding of greedy requests "
                                                  "(same tokenizer, e.g. the 0.5B for the 1.5B)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
+    p.add_argument("--lora", default=None, help="a PEFT LoRA adapter directory to run with (unmerged)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf-int8",
                    help="weights on CPU (default gguf-int8: faster batches than gguf, more memory, same "
                         "results): see `qwen15 generate --help`")
+    p.add_argument("--lora", action="append", default=None, metavar="NAME=DIR",
+                   help="also serve a PEFT LoRA adapter as model NAME (repeatable); requests pick it by 'model'")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="info: one access line per request and start/stop lines; warning: problems only "
                         "(default: info)")
@@ -350,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_train_parser
 
     add_train_parser(sub)
+    _add_train_merge(sub)  # joins the train group
     return parser
 
 

@@ -131,8 +131,6 @@ class LoraLinear(nn.Module):
         self.scaling[name] = lora_scale(r, alpha, rslora)
         self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, alpha, rslora
         self.fused[name] = False
-        if self.active is None:
-            self.active = name
 
     def delta(self, name: str, x: Tensor) -> Tensor:
         """scale * B(A(dropout(x))) in float32."""
@@ -144,12 +142,12 @@ class LoraLinear(nn.Module):
         active = self.active
         if not self.enabled or active is None:
             return y
-        if isinstance(active, str):
-            return y + self.delta(active, x).to(y.dtype)
+        if isinstance(active, str):  # (an adapter may leave this layer out: then the base alone)
+            return y + self.delta(active, x).to(y.dtype) if active in self.lora_A else y
         # One adapter per batch row (serving several adapters in one batch): each adapter runs on its rows.
         if len(active) != x.shape[0]:
             raise ValueError(f"{len(active)} per-row adapters for a batch of {x.shape[0]} rows")
-        for name in dict.fromkeys(a for a in active if a is not None):
+        for name in dict.fromkeys(a for a in active if a in self.lora_A):
             rows = torch.tensor([i for i, a in enumerate(active) if a == name], device=x.device)
             y = y.index_add(0, rows, self.delta(name, x.index_select(0, rows)).to(y.dtype))
         return y
@@ -228,6 +226,7 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] = ALL_TARGETS, r: 
                 wrapped.append(f"{path}.{t}" if path else t)
     if not wrapped:
         raise AdapterError(f"no layer of the model matches the LoRA targets {names}")
+    set_adapter(model, name)
     if freeze_base:
         for pname, p in model.named_parameters():
             p.requires_grad_(".lora_A." in pname or ".lora_B." in pname)
@@ -262,6 +261,17 @@ def set_adapter(model: nn.Module, active: str | Sequence[str | None] | None) -> 
 
 def adapter_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(n for _, m in lora_layers(model) for n in m.lora_A))
+
+
+def peft_key(state_key: str, name: str = DEFAULT) -> str | None:
+    """A model state-dict key of adapter `name` -> its key in adapter_model.safetensors, else None:
+    `model.layers.0.self_attn.q_proj.lora_A.default.weight` -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`
+    (for tensors gathered elsewhere, e.g. from FSDP shards, then written with save_adapter(state=...))."""
+    for ab in ("lora_A", "lora_B"):
+        suffix = f".{ab}.{name}.weight"
+        if state_key.endswith(suffix):
+            return f"{PEFT_PREFIX}{state_key[: -len(suffix)]}.{ab}.weight"
+    return None
 
 
 def peft_state_dict(model: nn.Module, name: str = DEFAULT) -> dict[str, Tensor]:

@@ -49,6 +49,7 @@ class ServerConfig:
     kv_tokens: int = 32768
     block_size: int = 16
     ui: bool = True  # the chat page at / (serve/ui.py); --no-ui turns it off
+    adapters: dict[str, str] = field(default_factory=dict)  # served name -> LoRA directory (already on the model)
 
 
 @dataclass
@@ -194,7 +195,8 @@ def _sequences(state: _State, req, prompt_ids: list[int], *, logprobs: int | Non
         if tool_call is not None:
             constraint = ToolCallConstraint(state.llm.tokenizer, engine.eos_ids, *tool_call)
         seqs.append(Sequence(list(prompt_ids), params, max_new, emit=None, logprobs=logprobs,
-                             prompt_logprobs=prompt_logprobs, constraint=constraint))
+                             prompt_logprobs=prompt_logprobs, constraint=constraint,
+                             adapter=_check_model(state, req.model)))
     return seqs
 
 
@@ -204,10 +206,15 @@ def _check_capacity(state: _State, n: int) -> None:
                        type="rate_limit_error", code="queue_full")
 
 
-def _check_model(state: _State, name: str) -> None:
+def _check_model(state: _State, name: str) -> str | None:
+    """The LoRA adapter a request's model name selects (None: the base model)."""
+    if name in state.config.adapters:
+        return name
     if name != state.config.model_name:
-        raise APIError(404, f"the model '{name}' does not exist: this server serves '{state.config.model_name}'",
+        served = ", ".join(repr(n) for n in [state.config.model_name, *state.config.adapters])
+        raise APIError(404, f"the model '{name}' does not exist: this server serves {served}",
                        param="model", code="model_not_found")
+    return None
 
 
 async def _body(request: Request):
@@ -293,7 +300,7 @@ async def chat_completions(request: Request) -> Response:
     _check_capacity(state, len(seqs))
     request.scope["qwen15.seqs"] = (seqs, 1)  # for the access log line
     rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-    base = {"id": rid, "created": created, "model": state.config.model_name}
+    base = {"id": rid, "created": created, "model": req.model}
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -394,7 +401,7 @@ async def completions(request: Request) -> Response:
     _check_capacity(state, len(seqs))
     request.scope["qwen15.seqs"] = (seqs, req.n)  # for the access log line
     rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-    base = {"id": rid, "object": "text_completion", "created": created, "model": state.config.model_name}
+    base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
     prompt_texts = [x if isinstance(x, str) else tokenizer.decode(x) for x in prompts]
 
     def prompt_of(i):
@@ -459,8 +466,11 @@ async def completions(request: Request) -> Response:
 # ---- the rest --------------------------------------------------------------------------------------------
 async def models(request: Request) -> Response:
     state: _State = request.app.state.qwen
-    return JSONResponse({"object": "list", "data": [{"id": state.config.model_name, "object": "model",
-                                                    "created": state.created, "owned_by": "qwen15"}]})
+    base = {"id": state.config.model_name, "object": "model", "created": state.created, "owned_by": "qwen15"}
+    # LoRA adapters as vLLM lists them: their own ids, the base as parent
+    adapters = [{**base, "id": name, "root": str(path), "parent": state.config.model_name}
+                for name, path in state.config.adapters.items()]
+    return JSONResponse({"object": "list", "data": [base, *adapters]})
 
 
 async def health(request: Request) -> Response:

@@ -65,6 +65,7 @@ class Sequence:
     logprobs: int | None = None  # None: no logprobs for new tokens; k: the chosen one plus the top k
     prompt_logprobs: int | None = None  # None: none; k: log-prob of every prompt token (+ top k) — echo
     constraint: object | None = None  # e.g. a JSON constraint: .allowed(text) / .complete(text)
+    adapter: str | None = None  # the LoRA adapter this sequence runs with (None: the base model)
     id: int = 0
     # ---- state, owned by the engine thread ----
     tokens: list[int] = field(default_factory=list)  # prompt + generated
@@ -84,6 +85,12 @@ class Sequence:
         return len(self.tokens) - self.computed
 
 
+def _salt(seq: Sequence):
+    """Starts a sequence's block-hash chain: base rows share blocks with base rows, adapter rows with rows
+    of the same adapter only."""
+    return None if seq.adapter is None else ("lora", seq.adapter)
+
+
 class BatchEngine:
     """Owns the model, the paged cache and the scheduler thread. Thread-safe: submit() and abort()."""
 
@@ -99,6 +106,12 @@ class BatchEngine:
         # Compact weights on the CPU: every step runs all layers in the C layers, at most native_layers.MAX_ROWS
         # tokens a call, each token over its own slots of the pool (no padding, no gathered copy of the keys).
         self.native = None
+        # With LoRA adapters loaded, every row runs the PyTorch layers, each row with its own adapter
+        # (lora.LoraLinear per-row selection); the C layers cannot add the adapters' terms, and
+        # native_layers.supported() says no once a LoraLinear wraps a matrix.
+        from ..lora import lora_layers
+
+        self.lora = bool(lora_layers(model))
         if model.dtype == torch.float32 and model.device.type == "cpu" and native_layers.supported(model):
             self.native = native_layers.NativeLayers(model)
         head = model.model.embed_tokens if model.lm_head is None else model.lm_head
@@ -207,7 +220,7 @@ class BatchEngine:
             seq = self.waiting[i]
             if not seq.block_table and seq.prompt_logprobs is None:
                 # Reuse cached full blocks, but always leave at least one token to compute (its logits).
-                hashes = block_hashes(seq.tokens[:len(seq.tokens) - 1], self.block_size)
+                hashes = block_hashes(seq.tokens[:len(seq.tokens) - 1], self.block_size, _salt(seq))
                 if self._prefix_in_flight(hashes):
                     i += 1
                     continue
@@ -321,6 +334,10 @@ class BatchEngine:
             write_index += range(b * T, b * T + n)
         self.cache.plan_step(torch.tensor(write_slots, device=device), torch.tensor(write_index, device=device),
                              read.to(device))
+        if self.lora:
+            from ..lora import set_adapter
+
+            set_adapter(self.model, [seq.adapter for seq, _ in rows])
         hidden = self.model.hidden_states(ids.to(device), self.cache, 0, positions.to(device), mask.to(device))
         return hidden.reshape(B * T, -1), [b * T for b in range(B)]
 
@@ -390,7 +407,7 @@ class BatchEngine:
         full = seq.computed // self.block_size
         while len(seq.hashes) < full:
             i = len(seq.hashes)
-            prev = seq.hashes[-1] if seq.hashes else None
+            prev = seq.hashes[-1] if seq.hashes else _salt(seq)
             h = hash((prev, tuple(seq.tokens[i * self.block_size:(i + 1) * self.block_size])))
             seq.hashes.append(h)
             self.cache.blocks.register(seq.block_table[i], h)

@@ -24,9 +24,10 @@ class OutOfBlocks(Exception):
     """The pool has no free or evictable block left."""
 
 
-def block_hashes(tokens: list[int], block_size: int) -> list[int]:
-    """The chained hash of every full block of tokens (a partial last block has none)."""
-    hashes, prev = [], None
+def block_hashes(tokens: list[int], block_size: int, salt=None) -> list[int]:
+    """The chained hash of every full block of tokens (a partial last block has none). salt starts the chain:
+    keys computed under a LoRA adapter differ from the base's, so their blocks must not be shared."""
+    hashes, prev = [], salt
     for start in range(0, len(tokens) - block_size + 1, block_size):
         prev = hash((prev, tuple(tokens[start:start + block_size])))
         hashes.append(prev)
