@@ -141,6 +141,17 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
     return config, model, tokenizer
 
 
+def _load_sharded(path: Path, dtype: torch.dtype, device: str, quant: str, world: int, threads: int | None):
+    """Rank 0 of a tensor-parallel group: read the checkpoint once, hand each rank its shard, keep its own."""
+    from ..parallel import group, tp
+
+    if quant != "none":
+        raise GenerationError(f"--tp {world} shards dense weights: add --quant none (got --quant {quant})")
+    config, net, tokenizer = load_checkpoint(path, dtype, "cpu", quant=quant)
+    tp.plan(config, world)  # an invalid degree fails before any process starts
+    return tp.distribute(net, group.start(world, device, threads), device, dtype), tokenizer
+
+
 class LLM:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, context_length: int | None = None,
                  name: str = "", load_s: float = 0.0, compile: bool | None = None):
@@ -165,6 +176,8 @@ class LLM:
         """Use draft for speculative decoding of greedy requests (the output stays the target's own)."""
         from .speculative import check_compatible
 
+        if getattr(self.model, "tp", None) is not None:
+            raise GenerationError("--draft does not run with --tp: speculative decoding is single-process")
         why = check_compatible(self, draft)
         if why:
             raise GenerationError(f"draft model {draft.name!r} cannot draft for {self.name!r}: {why}")
@@ -175,10 +188,12 @@ class LLM:
     @classmethod
     def load(cls, model: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | str | None = None,
              threads: int | None = None, context_length: int | None = None, compile: bool | None = None,
-             quant: str = "gguf") -> "LLM":
+             quant: str = "gguf", tp: int | None = None) -> "LLM":
         """Load a packaged name, hub name, local directory or .gguf file (None: the default model).
 
-        quant: "gguf" keeps a GGUF's quantized weights compact on CPU (float32); "none" dequantizes."""
+        quant: "gguf" keeps a GGUF's quantized weights compact on CPU (float32); "none" dequantizes.
+        tp: shard the model over this many ranks (parallel/), this process being rank 0; under torchrun
+        the ranks it started (then tp may be left out)."""
         from ..weights.resolve import resolve_model
 
         if threads:
@@ -189,7 +204,16 @@ class LLM:
         dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
         start = time.perf_counter()
         path = resolve_model(None if model is None else str(model))
-        _, net, tokenizer = load_checkpoint(path, dtype, device, quant=quant)
+        from ..parallel.group import torchrun_world
+
+        world = tp or torchrun_world()
+        if world < 1:
+            raise GenerationError(f"--tp must be >= 1, got {world}")
+        if world > 1:
+            net, tokenizer = _load_sharded(path, dtype, device, quant, world, threads)
+            compile = False  # the compiled CUDA-graph step is single-process
+        else:
+            _, net, tokenizer = load_checkpoint(path, dtype, device, quant=quant)
         return cls(net, tokenizer, context_length=context_length, name=str(model or path.name),
                    load_s=time.perf_counter() - start, compile=compile)
 
