@@ -9,6 +9,8 @@ import sys
 from .errors import GenerationError, Qwen15Error
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+TP_HELP = ("shard the model over N processes on this machine (tensor parallelism, --quant none); "
+           "under torchrun, leave it out: the ranks torchrun started")
 
 
 def _fmt_params(n: int) -> str:
@@ -67,7 +69,7 @@ def _load(args: argparse.Namespace):
     from .engine.engine import LLM
 
     llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context,
-                   compile=False if args.no_compile else None, quant=args.quant)
+                   compile=False if args.no_compile else None, quant=args.quant, tp=args.tp)
     if getattr(args, "draft", None):
         llm.attach_draft(LLM.load(args.draft, device=args.device, context_length=args.context, quant=args.quant),
                          tokens=args.draft_tokens)
@@ -134,6 +136,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             result = llm.generate(messages, params=params,
                                   on_text=lambda p: (sys.stdout.write(p), sys.stdout.flush()))
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+            if args.tp and args.tp > 1:
+                raise  # other ranks may be inside this step's collectives: end them all
             print("\n(interrupted)", file=sys.stderr)
             messages.pop()
             continue
@@ -148,7 +152,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise GenerationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     result = run_bench(args.model, args.prompt_tokens, args.gen_tokens, args.threads, args.device,
-                       draft=args.draft, draft_tokens=args.draft_tokens, quant=args.quant)
+                       draft=args.draft, draft_tokens=args.draft_tokens, quant=args.quant, tp=args.tp,
+                       random_weights=args.random_weights)
     row = as_dict(result)
     if args.json:
         print(json.dumps(row))
@@ -175,7 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, name) < (0 if name == "port" else 1):
             raise GenerationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context,
-                   compile=False, quant=args.quant)
+                   compile=False, quant=args.quant, tp=args.tp)
     name = args.served_model_name or str(args.model or DEFAULT_MODEL).rstrip("/").split("/")[-1].removesuffix(".gguf")
     config = ServerConfig(model_name=name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                           token_budget=args.token_budget, kv_tokens=args.kv_tokens, block_size=args.block_size)
@@ -209,6 +214,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None, help="draft model for speculative decoding of greedy requests "
                                                  "(same tokenizer, e.g. the 0.5B for the 1.5B)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
+    p.add_argument("--tp", type=int, default=None, metavar="N", help=TP_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "gguf-f32: block int8, float activations (exact); int8: quantize dense weights "
                         "(HF checkpoints) group-wise on load; none: dequantize to fp32")
     p.add_argument("--draft-tokens", type=int, default=4)
+    p.add_argument("--tp", type=int, default=None, metavar="N", help=TP_HELP)
+    p.add_argument("--random-weights", action="store_true",
+                   help="--model names a preset (qwen1.5-32b): random weights at its real shape, no checkpoint")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=cmd_bench)
 
@@ -282,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights on CPU (default gguf-int8: faster batches than gguf, more memory, same "
                         "results): see `qwen15 generate --help`")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.add_argument("--tp", type=int, default=None, metavar="N", help=TP_HELP)
     p.set_defaults(func=cmd_serve)
     from .eval.cli import add_eval_parser
 
@@ -290,15 +300,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    if os.environ.get("RANK", "0") != "0" and "MASTER_ADDR" in os.environ:  # a torchrun rank other than 0
+        from .parallel.group import follow_from_env
+
+        return follow_from_env()
     args = build_parser().parse_args(argv)
+    clean = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        clean = True
+        return code
     except Qwen15Error as e:
+        clean = type(e).__name__ != "RankFailed"
         print(f"qwen15: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    finally:
+        tp = sys.modules.get("qwen15.parallel.group")
+        if tp is not None and tp.current() is not None:
+            tp.current().close(clean)  # the other ranks stop with this one
 
 
 if __name__ == "__main__":

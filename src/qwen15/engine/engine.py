@@ -143,13 +143,18 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
 
 def _load_sharded(path: Path, dtype: torch.dtype, device: str, quant: str, world: int, threads: int | None):
     """Rank 0 of a tensor-parallel group: read the checkpoint once, hand each rank its shard, keep its own."""
-    from ..parallel import group, tp
-
     if quant != "none":
         raise GenerationError(f"--tp {world} shards dense weights: add --quant none (got --quant {quant})")
     config, net, tokenizer = load_checkpoint(path, dtype, "cpu", quant=quant)
-    tp.plan(config, world)  # an invalid degree fails before any process starts
-    return tp.distribute(net, group.start(world, device, threads), device, dtype), tokenizer
+    return shard_model(net, world, device, dtype, threads), tokenizer
+
+
+def shard_model(net: Transformer, world: int, device: str, dtype: torch.dtype, threads: int | None = None) -> Transformer:
+    """Start the group (torchrun's, or spawned here) and hand each rank its shard of net; returns rank 0's."""
+    from ..parallel import group, tp
+
+    tp.plan(net.config, world)  # an invalid degree fails before any process starts
+    return tp.distribute(net, group.start(world, device, threads), device, dtype)
 
 
 class LLM:

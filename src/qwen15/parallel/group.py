@@ -7,8 +7,9 @@ the command channel (`send(fn, *args)` pickles a module-level function and its a
 calls `fn(state, *args)`). Rank 0 then runs the same step itself, so the collectives inside it pair up.
 
 Two groups: the compute group (gloo on the CPU, NCCL on CUDA) carries the all-reduces and has the
-collective timeout (QWEN15_TP_TIMEOUT seconds, default 60); the command channel is a gloo group with a
-long timeout, because a follower of an idle server or chat may wait hours for its next command.
+collective timeout (QWEN15_TP_TIMEOUT seconds, default 60); the command channel is a gloo group where
+rank 0's sends have that timeout too, but a follower's receive has a long one: the follower of an idle
+server or chat may wait hours for its next command.
 
 Ranks come from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or `start(N)` spawns
 N - 1 followers on this machine. A spawned follower dies with rank 0 (PR_SET_PDEATHSIG) and ignores Ctrl-C
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,9 +70,12 @@ class TPGroup:
     def __init__(self, rank: int, world: int, device: torch.device, processes: list | None = None):
         self.rank, self.world, self.device = rank, world, device
         self.group = dist.group.WORLD
-        self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        # Rank 0's sends time out like any collective (gloo's send waits for the receiver); a follower's
+        # wait for its next command does not (each rank keeps its own timeout for a group).
+        self.control = dist.new_group(backend="gloo", timeout=_timeout() if rank == 0 else IDLE_TIMEOUT)
         self.processes = processes or []  # the followers this process spawned (rank 0 of `--tp N` only)
         self.closing = False
+        self.previous_threads = 0
         self._report_lock = threading.Lock()
         if self.processes:
             threading.Thread(target=self._watch, name="qwen15-tp-watchdog", daemon=True).start()
@@ -119,8 +124,9 @@ class TPGroup:
                 time.sleep(0.05)
             time.sleep(0.5)  # the watchdog reports and ends the process
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return RankFailed(f"tensor-parallel rank {self.rank} of {self.world}: a collective failed ({first}); "
-                          f"another rank died or did not answer within {collective_timeout_s():g}s")
+        first = re.sub(r"^\[[^\]]*\] ", "", first)  # gloo's source location
+        return RankFailed(f"tensor parallelism: a collective failed on rank {self.rank} ({first}): a rank died or "
+                          f"did not answer within {collective_timeout_s():g}s; stopped all {self.world} ranks")
 
     def _watch(self) -> None:
         """Wait for any spawned follower to exit; outside close(), that ends the whole group."""
@@ -185,6 +191,8 @@ class TPGroup:
             pass
         if _current is self:
             _current = None
+        if self.previous_threads:
+            torch.set_num_threads(self.previous_threads)  # a program that goes on single-process gets its cores back
 
 
 _current: TPGroup | None = None
@@ -232,6 +240,7 @@ def start(world: int, device: str | torch.device = "cpu", threads: int | None = 
         dist.init_process_group(_backend(), rank=0, world_size=world, timeout=timeout)
         _current = TPGroup(0, world, dev)
         return _current
+    previous_threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         threads = threads or max(1, (os.cpu_count() or 1) // world)  # the ranks share this machine's cores
         torch.set_num_threads(threads)
@@ -255,6 +264,7 @@ def start(world: int, device: str | torch.device = "cpu", threads: int | None = 
             p.wait()
         raise RankFailed(f"the {world - 1} tensor-parallel followers did not join: {e}") from None
     _current = TPGroup(0, world, dev, processes)
+    _current.previous_threads = previous_threads
     return _current
 
 
