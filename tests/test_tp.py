@@ -53,3 +53,103 @@ def test_real_model_tp_matches_single_process(single, world):
             assert got == expected[name], name
     finally:
         net.tp.close()
+
+
+# ---- the command line, on the tiny random model (tests/serve_fixtures.py) -------------------------------
+
+def run_cli(*args: str, launcher: tuple[str, ...] = (), env: dict | None = None, **kw):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import qwen15
+
+    src = str(Path(qwen15.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    cmd = [sys.executable, *(launcher or ("-m",)), "qwen15", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_expected(tiny_chat_gguf):
+    llm = LLM.load(tiny_chat_gguf, quant="none")
+    return llm.generate("The sea", max_tokens=12, temperature=0.0).token_ids
+
+
+@pytest.mark.parametrize("launcher", ["--tp", "torchrun"])
+def test_cli_tp_prints_once_and_matches_single_process(tiny_chat_gguf, tiny_expected, launcher):
+    import json
+
+    args = ["generate", "--model", str(tiny_chat_gguf), "--quant", "none", "--prompt", "The sea",
+            "--max-tokens", "12", "--json"]
+    if launcher == "--tp":
+        p = run_cli(*args, "--tp", "2")
+    else:  # torchrun's own launcher: every rank runs `python -m qwen15 ...`, rank 0 drives
+        p = run_cli(*args, launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2", "-m"),
+                    env={"OMP_NUM_THREADS": "1"})
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1, out  # ranks other than 0 print nothing
+    assert json.loads(lines[0])["token_ids"] == tiny_expected
+
+
+def test_cli_tp_bad_degree_names_the_valid_ones(tiny_chat_gguf):
+    p = run_cli("generate", "--model", str(tiny_chat_gguf), "--quant", "none", "--prompt", "x", "--tp", "3")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2
+    assert err.strip() == "qwen15: error: --tp 3 does not split 4 query / 2 kv heads: expected one of 1, 2, 4"
+    p = run_cli("generate", "--model", str(tiny_chat_gguf), "--prompt", "x", "--tp", "2")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2
+    assert err.strip() == "qwen15: error: --tp 2 shards dense weights: add --quant none (got --quant gguf)"
+
+
+def _children(pid: int) -> list[int]:
+    import os
+
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(d))
+    return kids
+
+
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_a_dead_rank_ends_all_ranks_with_one_message(tiny_chat_gguf, how):
+    """Rank 1 killed mid-generation (its rank 0 sees it go), or stopped (alive, silent: the collective
+    timeout ends it): either way every rank ends, with one line on stderr, never a hang."""
+    import os
+    import signal
+    import time
+
+    p = run_cli("generate", "--model", str(tiny_chat_gguf), "--quant", "none", "--prompt", "hello",
+                "--max-tokens", "100000", "--tp", "2", env={"QWEN15_TP_TIMEOUT": "3"})
+    try:
+        assert p.stdout.read(8), p.stderr.read()  # generating (2047 tokens to go)
+        followers = _children(p.pid)
+        assert len(followers) == 1
+        os.kill(followers[0], signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        start = time.monotonic()
+        out, err = p.communicate(timeout=30)
+        took = time.monotonic() - start
+    finally:
+        p.kill()
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert len(errors) == 1, err
+    if how == "killed":
+        assert p.returncode == 1
+        assert errors[0] == "qwen15: error: tensor-parallel rank 1 died (killed by SIGKILL): stopped all 2 ranks"
+        assert took < 3
+    else:
+        assert p.returncode == 2
+        assert errors[0].startswith("qwen15: error: tensor parallelism: a collective failed on rank 0 (")
+        assert errors[0].endswith("a rank died or did not answer within 3s; stopped all 2 ranks")
+        assert took < 3 + 10
+    time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{followers[0]}") or open(f"/proc/{followers[0]}/stat").read().split()[2] == "Z"

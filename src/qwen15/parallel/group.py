@@ -35,6 +35,7 @@ import torch.distributed as dist
 from ..errors import Qwen15Error
 
 DEFAULT_TIMEOUT_S = 60.0
+JOIN_TIMEOUT = datetime.timedelta(seconds=300)
 IDLE_TIMEOUT = datetime.timedelta(days=30)  # the command channel: a follower waits as long as rank 0 idles
 
 
@@ -69,7 +70,8 @@ class TPGroup:
 
     def __init__(self, rank: int, world: int, device: torch.device, processes: list | None = None):
         self.rank, self.world, self.device = rank, world, device
-        self.group = dist.group.WORLD
+        # The default group was joined with a long timeout (ranks start slowly); the all-reduces get their own.
+        self.group = dist.new_group(backend=_backend(), timeout=_timeout())
         # Rank 0's sends time out like any collective (gloo's send waits for the receiver); a follower's
         # wait for its next command does not (each rank keeps its own timeout for a group).
         self.control = dist.new_group(backend="gloo", timeout=_timeout() if rank == 0 else IDLE_TIMEOUT)
@@ -228,7 +230,7 @@ def start(world: int, device: str | torch.device = "cpu", threads: int | None = 
         if _current.world != world:
             raise RankFailed(f"a tensor-parallel group of {_current.world} ranks is running; asked for {world}")
         return _current
-    timeout = _timeout()
+    _timeout()  # a bad QWEN15_TP_TIMEOUT fails before any process starts
     launched = torchrun_world()
     if launched > 1:
         if launched != world:
@@ -237,14 +239,16 @@ def start(world: int, device: str | torch.device = "cpu", threads: int | None = 
         if int(os.environ["RANK"]) != 0:
             raise RankFailed("only rank 0 loads the model; the other ranks follow it")
         dev = rank_device(device, 0)
-        dist.init_process_group(_backend(), rank=0, world_size=world, timeout=timeout)
+        dist.init_process_group(_backend(), rank=0, world_size=world, timeout=JOIN_TIMEOUT)
         _current = TPGroup(0, world, dev)
         return _current
     previous_threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         threads = threads or max(1, (os.cpu_count() or 1) // world)  # the ranks share this machine's cores
         torch.set_num_threads(threads)
-    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
+    # Joining waits for the followers to start (importing torch takes seconds on a busy machine), longer
+    # than a collective may take.
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=JOIN_TIMEOUT, wait_for_workers=False)
     # Plain subprocesses, not multiprocessing: a program without a __main__ guard must not be re-run.
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
@@ -257,7 +261,7 @@ def start(world: int, device: str | torch.device = "cpu", threads: int | None = 
         processes.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL))
     dev = rank_device(device, 0)
     try:
-        dist.init_process_group(_backend(), store=store, rank=0, world_size=world, timeout=timeout)
+        dist.init_process_group(_backend(), store=store, rank=0, world_size=world, timeout=JOIN_TIMEOUT)
     except RuntimeError as e:
         for p in processes:
             p.kill()
@@ -326,10 +330,9 @@ def _spawned_follower(rank: int, world: int, port: int, device: str, threads: in
     os.environ["QWEN15_TP_TIMEOUT"] = str(timeout_s)
     if threads:
         torch.set_num_threads(threads)
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=JOIN_TIMEOUT)
     dev = rank_device(device, rank)
-    dist.init_process_group(_backend(), store=store, rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group(_backend(), store=store, rank=rank, world_size=world, timeout=JOIN_TIMEOUT)
     sys.exit(_run_follower(TPGroup(rank, world, dev)))
 
 
@@ -337,5 +340,5 @@ def follow_from_env() -> int:
     """A torchrun rank other than 0: join the group and follow rank 0."""
     _quiet()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group(_backend(), rank=rank, world_size=world, timeout=_timeout())
+    dist.init_process_group(_backend(), rank=rank, world_size=world, timeout=JOIN_TIMEOUT)
     return _run_follower(TPGroup(rank, world, torch.device("cpu")))  # the load command names the device
