@@ -153,3 +153,39 @@ def test_a_dead_rank_ends_all_ranks_with_one_message(tiny_chat_gguf, how):
         assert took < 3 + 10
     time.sleep(0.5)
     assert not os.path.exists(f"/proc/{followers[0]}") or open(f"/proc/{followers[0]}/stat").read().split()[2] == "Z"
+
+
+# ---- the server: rank 0 schedules, every step's batch goes to rank 1 ----------------------------------
+
+def test_serve_tp_matches_the_single_process_server(tiny_chat_gguf):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_fixtures import ServerProcess
+
+    args = ("--quant", "none", "--max-batch", "8", "--token-budget", "64", "--kv-tokens", "4096")
+    tp, single = ServerProcess(tiny_chat_gguf, *args, "--tp", "2"), ServerProcess(tiny_chat_gguf, *args)
+    try:
+        a, b = tp.client(), single.client()
+        chat = [{"role": "user", "content": "Write a haiku about the sea."}]
+        r = a.chat.completions.create(model="tiny", messages=chat, max_tokens=16, temperature=0)
+        ref = b.chat.completions.create(model="tiny", messages=chat, max_tokens=16, temperature=0)
+        assert r.choices[0].message.content == ref.choices[0].message.content
+        assert r.usage.completion_tokens == ref.usage.completion_tokens > 0
+        chunks = list(a.chat.completions.create(model="tiny", messages=chat, max_tokens=16, temperature=0, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.choices[0].message.content
+        r = a.completions.create(model="tiny", prompt="def f(x):", max_tokens=12, temperature=0)
+        ref = b.completions.create(model="tiny", prompt="def f(x):", max_tokens=12, temperature=0)
+        assert r.choices[0].text == ref.choices[0].text
+
+        prompts = [f"Question {i}: what is {i} + {i}?" for i in range(8)]
+
+        def batch(client):  # 8 concurrent greedy requests: they share steps of the batched engine
+            with ThreadPoolExecutor(8) as pool:
+                return list(pool.map(lambda p: client.completions.create(
+                    model="tiny", prompt=p, max_tokens=12, temperature=0).choices[0].text, prompts))
+
+        assert batch(a) == batch(b)
+        assert tp.output().count("qwen15 serve:") == 1  # one banner: the follower prints nothing
+    finally:
+        assert tp.stop() == 0  # SIGTERM: rank 0 drains, then stops its follower cleanly
+        single.stop()
