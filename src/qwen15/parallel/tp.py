@@ -6,8 +6,9 @@ intermediate rows:
   intermediate range, so its attention and SiLU run on its own heads and rows with no communication;
 - o and down are row-parallel: the rank keeps the matching input columns, and one all-reduce (a forward
   hook on the module) sums the ranks' partial outputs into the full hidden state;
-- the embedding table and lm_head are replicated, and only rank 0 computes logits (it samples); the
-  vocabulary split measured slower on the CPU (benchmarks/results/tp_cpu.md).
+- the embedding table and lm_head are replicated, and only rank 0 computes logits (it samples): on this
+  CPU a vocabulary split was no faster and adds a gather (and an all-reduce for the lookup) per step
+  (benchmarks/results/tp_cpu.md).
 
 Plain sharded tensors and explicit all-reduces, not DTensor: the model file stays as it is (an attention
 module reads its local head counts from the per-rank config it is built from), and the whole plan is the
