@@ -189,3 +189,30 @@ def test_serve_tp_matches_the_single_process_server(tiny_chat_gguf):
     finally:
         assert tp.stop() == 0  # SIGTERM: rank 0 drains, then stops its follower cleanly
         single.stop()
+
+
+# ---- qwen15 plan --tp -----------------------------------------------------------------------------------
+
+def test_plan_per_rank_bytes_equal_an_allocated_shard(tmp_path):
+    import json
+
+    from qwen15.config import ModelConfig
+    from qwen15.model import build_model
+    from qwen15.plan import GiB, _activation_bytes, make_plan
+
+    config = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=16)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    p = make_plan(str(tmp_path), quant="bf16", context=100, device="cpu", tp=4)
+    state = build_model(config, dtype=torch.bfloat16).state_dict()
+    ranks = []
+    for shard in tp_plan.plan(config, 4):  # query heads 1, 2, 1, 2 (each kv head on two ranks)
+        local = tp_plan.local_config(config, shard)
+        weights = sum(t.nbytes for t in tp_plan.shard_state(state, config, shard).values())
+        cache = KVCache(local, max_len=100, dtype=torch.float32)
+        ranks.append(weights + cache.k.nbytes + cache.v.nbytes + _activation_bytes(local, 100, 1, 4) + p.overhead_bytes)
+    assert max(ranks) == p.per_rank_bytes and min(ranks) < max(ranks)
+    assert p.tp == p.devices_needed == 4
+    auto = make_plan("qwen1.5-110b", context=32768, gpu_mem_gb=80, tp="auto")
+    assert (auto.tp, auto.quant) == (4, "bf16")  # 2 ranks would need ~110 GiB each; 3 does not split 8 kv heads
+    assert auto.per_rank_bytes <= 80 * GiB * 0.92 < make_plan("qwen1.5-110b", context=32768, tp=2).per_rank_bytes

@@ -167,7 +167,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import format_plan, make_plan
 
     plan = make_plan(args.model, quant=args.quant, context=args.context, batch=args.batch,
-                     gpu_mem_gb=args.gpu_mem, device=args.device)
+                     gpu_mem_gb=args.gpu_mem, device=args.device, tp=args.tp)
     print(json.dumps(plan.as_dict()) if args.json else format_plan(plan))
     return 0
 
@@ -263,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--gpu-mem", type=float, default=None, help="GB per device: also say how many are needed")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when --gpu-mem is given)")
+    p.add_argument("--tp", default=None, metavar="N|auto",
+                   help="tensor-parallel degree: memory per rank (auto: the smallest that fits --gpu-mem)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 

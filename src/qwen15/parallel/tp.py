@@ -16,7 +16,7 @@ slicing below plus two hooks a layer.
 
 The degree N must divide the kv heads, or be a multiple of them: then each kv head is replicated on
 N / kv ranks (as vLLM does) and its group of query heads is split among them, unevenly where it must be
-(the 0.5B's 14/2 heads at N = 4: ranks hold 4, 3, 4 and 3 query heads, one kv head each).
+(the 0.5B's 14/2 heads at N = 4: ranks hold 3, 4, 3 and 4 query heads, one kv head each).
 """
 
 from __future__ import annotations
