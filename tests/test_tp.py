@@ -216,3 +216,16 @@ def test_plan_per_rank_bytes_equal_an_allocated_shard(tmp_path):
     auto = make_plan("qwen1.5-110b", context=32768, gpu_mem_gb=80, tp="auto")
     assert (auto.tp, auto.quant) == (4, "bf16")  # 2 ranks would need ~110 GiB each; 3 does not split 8 kv heads
     assert auto.per_rank_bytes <= 80 * GiB * 0.92 < make_plan("qwen1.5-110b", context=32768, tp=2).per_rank_bytes
+
+
+def test_random_weights_build_a_preset_at_its_real_shape():
+    """`qwen15 bench --model qwen1.5-32b --random-weights` builds this; on the meta device it costs nothing here."""
+    from qwen15.config import get_preset
+    from qwen15.engine.bench import random_model
+
+    model = random_model("qwen1.5-32b", "meta", torch.bfloat16)
+    config = get_preset("qwen1.5-32b")
+    assert sum(p.numel() for p in model.parameters()) == config.num_parameters()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    attn = model.model.layers[0].self_attn
+    assert (len(model.model.layers), attn.heads, attn.kv_heads) == (64, 40, 8)
