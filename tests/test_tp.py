@@ -120,21 +120,25 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-@pytest.mark.parametrize("how", ["killed", "stopped"])
+@pytest.mark.parametrize("how", ["killed", "stopped", "ctrl-c"])
 def test_a_dead_rank_ends_all_ranks_with_one_message(tiny_chat_gguf, how):
     """Rank 1 killed mid-generation (its rank 0 sees it go), or stopped (alive, silent: the collective
-    timeout ends it): either way every rank ends, with one line on stderr, never a hang."""
+    timeout ends it), or Ctrl-C at the terminal (SIGINT to every process of the foreground group): every
+    rank ends, with one line on stderr, never a hang."""
     import os
     import signal
     import time
 
     p = run_cli("generate", "--model", str(tiny_chat_gguf), "--quant", "none", "--prompt", "hello",
-                "--max-tokens", "100000", "--tp", "2", env={"QWEN15_TP_TIMEOUT": "3"})
+                "--max-tokens", "100000", "--tp", "2", env={"QWEN15_TP_TIMEOUT": "3"}, start_new_session=True)
     try:
         assert p.stdout.read(8), p.stderr.read()  # generating (2047 tokens to go)
         followers = _children(p.pid)
         assert len(followers) == 1
-        os.kill(followers[0], signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        if how == "ctrl-c":
+            os.killpg(p.pid, signal.SIGINT)
+        else:
+            os.kill(followers[0], signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         start = time.monotonic()
         out, err = p.communicate(timeout=30)
         took = time.monotonic() - start
@@ -146,6 +150,9 @@ def test_a_dead_rank_ends_all_ranks_with_one_message(tiny_chat_gguf, how):
         assert p.returncode == 1
         assert errors[0] == "qwen15: error: tensor-parallel rank 1 died (killed by SIGKILL): stopped all 2 ranks"
         assert took < 3
+    elif how == "ctrl-c":
+        assert p.returncode == 130
+        assert errors[0] == "qwen15: interrupted: stopped all 2 ranks"
     else:
         assert p.returncode == 2
         assert errors[0].startswith("qwen15: error: tensor parallelism: a collective failed on rank 0 (")

@@ -319,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwen15: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        tp = sys.modules.get("qwen15.parallel.group")
+        group = tp.current() if tp is not None else None
+        print(f"\nqwen15: interrupted: stopped all {group.world} ranks" if group else "", file=sys.stderr)
         return 130
     finally:
         tp = sys.modules.get("qwen15.parallel.group")
