@@ -1,7 +1,9 @@
-"""`python -m qwen15` (what torchrun runs for `qwen15 train --nproc N`): the qwen15 command."""
+"""`python -m qwen15 ...` (and `torchrun --nproc-per-node N -m qwen15 ...`, what `qwen15 train --nproc N` runs):
+the same as the `qwen15` command."""
 
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

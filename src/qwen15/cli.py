@@ -9,6 +9,8 @@ import sys
 from .errors import GenerationError, Qwen15Error
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+TP_HELP = ("shard the model over N processes on this machine (tensor parallelism, --quant none); "
+           "under torchrun, leave it out: the ranks torchrun started")
 
 
 def _fmt_params(n: int) -> str:
@@ -89,7 +91,7 @@ def _load(args: argparse.Namespace):
 
         read_adapter(args.lora)  # a bad adapter directory fails before the (slow) load
     llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context,
-                   compile=False if args.no_compile else None, quant=args.quant)
+                   compile=False if args.no_compile else None, quant=args.quant, tp=args.tp)
     if getattr(args, "lora", None):  # unmerged: over a GGUF base, LoRA runs beside the compact matrices
         from .lora import load_adapter
 
@@ -181,6 +183,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             result = llm.generate(messages, params=params,
                                   on_text=lambda p: (sys.stdout.write(p), sys.stdout.flush()))
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+            if args.tp and args.tp > 1:
+                raise  # other ranks may be inside this step's collectives: end them all
             print("\n(interrupted)", file=sys.stderr)
             messages.pop()
             continue
@@ -196,7 +200,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise GenerationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     result = run_bench(args.model, args.prompt_tokens, args.gen_tokens, args.threads, args.device,
-                       draft=args.draft, draft_tokens=args.draft_tokens, quant=args.quant)
+                       draft=args.draft, draft_tokens=args.draft_tokens, quant=args.quant, tp=args.tp,
+                       random_weights=args.random_weights)
     row = as_dict(result)
     if args.json:
         print(json.dumps(row))
@@ -212,7 +217,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import format_plan, make_plan
 
     plan = make_plan(args.model, quant=args.quant, context=args.context, batch=args.batch,
-                     gpu_mem_gb=args.gpu_mem, device=args.device)
+                     gpu_mem_gb=args.gpu_mem, device=args.device, tp=args.tp)
     print(json.dumps(plan.as_dict()) if args.json else format_plan(plan))
     return 0
 
@@ -250,7 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.app import ServerConfig, serve
 
     llm = LLM.load(args.model, device=args.device, threads=args.threads, context_length=args.context,
-                   compile=False, quant=args.quant)
+                   compile=False, quant=args.quant, tp=args.tp)
     if adapters:
         from .lora import load_adapter
 
@@ -312,6 +317,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                                  "(same tokenizer, e.g. the 0.5B for the 1.5B)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
     p.add_argument("--lora", default=None, help="a PEFT LoRA adapter directory to run with (unmerged)")
+    p.add_argument("--tp", type=int, default=None, metavar="N", help=TP_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "gguf-f32: block int8, float activations (exact); int8: quantize dense weights "
                         "(HF checkpoints) group-wise on load; none: dequantize to fp32")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step (default: 4)")
+    p.add_argument("--tp", type=int, default=None, metavar="N", help=TP_HELP)
+    p.add_argument("--random-weights", action="store_true",
+                   help="--model names a preset (qwen1.5-32b): random weights at its real shape, no checkpoint")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=cmd_bench)
 
@@ -361,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--gpu-mem", type=float, default=None, help="GB per device: also say how many are needed")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when --gpu-mem is given)")
+    p.add_argument("--tp", default=None, metavar="N|auto",
+                   help="tensor-parallel degree: memory per rank (auto: the smallest that fits --gpu-mem)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
@@ -395,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="info: one access line per request and start/stop lines; warning: problems only "
                         "(default: info)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the API only)")
+    p.add_argument("--tp", type=int, default=None, metavar="N", help=TP_HELP)
     p.set_defaults(func=cmd_serve)
     from .eval.cli import add_eval_parser
 
@@ -410,24 +422,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
+    # A torchrun rank other than 0 follows rank 0's tensor-parallel commands; training ranks (FSDP2,
+    # `train --nproc`) each run the same command instead.
+    if os.environ.get("RANK", "0") != "0" and "MASTER_ADDR" in os.environ and args.command != "train":
+        from .parallel.group import follow_from_env
+
+        return follow_from_env()
+    clean = False
     try:
-        status = args.func(args)
+        code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the try, not in the interpreter's exit
-        return status
+        clean = True
+        return code
     except Qwen15Error as e:
+        clean = type(e).__name__ != "RankFailed"
         print(f"qwen15: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        tp = sys.modules.get("qwen15.parallel.group")
+        group = tp.current() if tp is not None else None
+        print(f"\nqwen15: interrupted: stopped all {group.world} ranks" if group else "", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`qwen15 generate ... | head`): stop quietly, as Unix tools do. Point stdout
         # at /dev/null so that the interpreter's final flush does not fail again.
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, the status a shell reports for a tool SIGPIPE stopped
+    finally:
+        tp = sys.modules.get("qwen15.parallel.group")
+        if tp is not None and tp.current() is not None:
+            tp.current().close(clean)  # the other ranks stop with this one
 
 
 if __name__ == "__main__":

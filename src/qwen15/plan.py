@@ -49,6 +49,8 @@ class Plan:
     total_bytes: int
     gpu_mem_gb: float | None
     devices_needed: int | None
+    tp: int | None = None  # tensor-parallel degree (parallel/tp.py); None: one device holds it all
+    per_rank_bytes: int | None = None  # the largest rank's weights shard, KV cache, activations and runtime
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +80,8 @@ def _gguf_weights(path: Path) -> tuple[ModelConfig, int]:
 
 
 def make_plan(model: str, quant: str | None = None, context: int | None = None, batch: int = 1,
-              gpu_mem_gb: float | None = None, device: str | None = None) -> Plan:
+              gpu_mem_gb: float | None = None, device: str | None = None, tp: int | str | None = None) -> Plan:
+    """tp: a tensor-parallel degree, or "auto": the smallest valid degree whose largest rank fits gpu_mem_gb."""
     if batch < 1:
         raise ConfigError(f"batch must be >= 1, got {batch}")
     if gpu_mem_gb is not None and gpu_mem_gb <= 0:
@@ -130,10 +133,54 @@ def make_plan(model: str, quant: str | None = None, context: int | None = None, 
                               f"needs at least {smallest / GiB / 0.92:.1f} GB (the runtime, {piece} and the "
                               f"activations); total {total / GiB:.1f} GiB")
         devices = max(1, math.ceil(total / usable))
-    return Plan(model=model, quant=quant, device=device, params=config.num_parameters(), context=context,
+    plan = Plan(model=model, quant=quant, device=device, params=config.num_parameters(), context=context,
                 batch=batch, weights_bytes=int(weights_bytes), kv_cache_bytes=int(kv),
                 kv_bytes_per_token=int(kv_per_token), activation_bytes=int(activations),
                 overhead_bytes=overhead, total_bytes=int(total), gpu_mem_gb=gpu_mem_gb, devices_needed=devices)
+    if tp is not None:
+        _plan_tp(plan, config, tp, act_bytes)
+    return plan
+
+
+def _rank_bytes(plan: Plan, config: ModelConfig, world: int, act_bytes: int) -> int:
+    """The largest rank's memory at degree `world`: its shard of the layers plus the replicated embeddings and
+    head (weights scale with its parameters), its own kv heads, and a prefill chunk's activations."""
+    from .parallel.tp import local_config, plan as shard_plan
+
+    configs = [local_config(config, s) for s in shard_plan(config, world)]
+    params = max(c.num_parameters() for c in configs)
+    weights = plan.weights_bytes * params / plan.params
+    kv = max(2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * act_bytes for c in configs)
+    activations = max(_activation_bytes(c, plan.context, plan.batch, act_bytes) for c in configs)
+    return int(weights + kv * plan.context * plan.batch + activations + plan.overhead_bytes)
+
+
+def _plan_tp(plan: Plan, config: ModelConfig, tp: int | str, act_bytes: int) -> None:
+    from .parallel.tp import valid_degrees
+
+    valid = valid_degrees(config)
+    if tp == "auto":
+        if not plan.gpu_mem_gb:
+            raise ConfigError("--tp auto needs --gpu-mem: the memory of one device in GB")
+        usable = plan.gpu_mem_gb * GiB * 0.92
+        fits = [n for n in valid if _rank_bytes(plan, config, n, act_bytes) <= usable]
+        if not fits:
+            biggest = valid[-1]
+            raise ConfigError(f"{plan.model} does not fit {plan.gpu_mem_gb:g} GB devices at any valid --tp "
+                              f"({', '.join(map(str, valid))}): --tp {biggest} needs "
+                              f"{_rank_bytes(plan, config, biggest, act_bytes) / GiB:.1f} GiB per rank")
+        degree = fits[0]
+    else:
+        try:
+            degree = int(tp)
+        except ValueError:
+            raise ConfigError(f"--tp {tp!r}: expected a number of ranks or 'auto'") from None
+        if degree not in valid:
+            raise ConfigError(f"--tp {degree} does not split {config.num_attention_heads} query / "
+                              f"{config.num_key_value_heads} kv heads: expected one of {', '.join(map(str, valid))}")
+    plan.tp = degree
+    plan.per_rank_bytes = _rank_bytes(plan, config, degree, act_bytes)
+    plan.devices_needed = degree
 
 
 def _smallest_device(config: ModelConfig, weights: int, kv: int, activations: int, overhead: int) -> tuple[int, str]:
@@ -163,6 +210,10 @@ def format_plan(plan: Plan) -> str:
         f"runtime      {gb(plan.overhead_bytes)}",
         f"total        {gb(plan.total_bytes)}",
     ]
+    if plan.tp is not None:
+        lines.append(f"per rank     {gb(plan.per_rank_bytes)}  (--tp {plan.tp}: the largest rank's shard, "
+                     f"its kv heads, replicated embeddings and head)")
     if plan.devices_needed is not None:
-        lines.append(f"devices      {plan.devices_needed} x {plan.gpu_mem_gb:g} GB")
+        lines.append(f"devices      {plan.devices_needed} x {plan.gpu_mem_gb:g} GB" if plan.gpu_mem_gb else
+                     f"devices      {plan.devices_needed}")
     return "\n".join(lines)

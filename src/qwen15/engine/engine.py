@@ -146,6 +146,22 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
     return config, model, tokenizer
 
 
+def _load_sharded(path: Path, dtype: torch.dtype, device: str, quant: str, world: int, threads: int | None):
+    """Rank 0 of a tensor-parallel group: read the checkpoint once, hand each rank its shard, keep its own."""
+    if quant != "none":
+        raise GenerationError(f"--tp {world} shards dense weights: add --quant none (got --quant {quant})")
+    config, net, tokenizer = load_checkpoint(path, dtype, "cpu", quant=quant)
+    return shard_model(net, world, device, dtype, threads), tokenizer
+
+
+def shard_model(net: Transformer, world: int, device: str, dtype: torch.dtype, threads: int | None = None) -> Transformer:
+    """Start the group (torchrun's, or spawned here) and hand each rank its shard of net; returns rank 0's."""
+    from ..parallel import group, tp
+
+    tp.plan(net.config, world)  # an invalid degree fails before any process starts
+    return tp.distribute(net, group.start(world, device, threads), device, dtype)
+
+
 class LLM:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, context_length: int | None = None,
                  name: str = "", load_s: float = 0.0, compile: bool | None = None):
@@ -170,6 +186,8 @@ class LLM:
         """Use draft for speculative decoding of greedy requests (the output stays the target's own)."""
         from .speculative import check_compatible
 
+        if getattr(self.model, "tp", None) is not None:
+            raise GenerationError("--draft does not run with --tp: speculative decoding is single-process")
         why = check_compatible(self, draft)
         if why:
             raise GenerationError(f"draft model {draft.name!r} cannot draft for {self.name!r}: {why}")
@@ -180,10 +198,12 @@ class LLM:
     @classmethod
     def load(cls, model: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype | str | None = None,
              threads: int | None = None, context_length: int | None = None, compile: bool | None = None,
-             quant: str = "gguf") -> "LLM":
+             quant: str = "gguf", tp: int | None = None) -> "LLM":
         """Load a packaged name, hub name, local directory or .gguf file (None: the default model).
 
-        quant: "gguf" keeps a GGUF's quantized weights compact on CPU (float32); "none" dequantizes."""
+        quant: "gguf" keeps a GGUF's quantized weights compact on CPU (float32); "none" dequantizes.
+        tp: shard the model over this many ranks (parallel/), this process being rank 0; under torchrun
+        the ranks it started (then tp may be left out)."""
         from ..checks import check_device, check_positive
         from ..weights.resolve import resolve_model
 
@@ -198,7 +218,16 @@ class LLM:
         dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
         start = time.perf_counter()
         path = resolve_model(None if model is None else str(model))
-        _, net, tokenizer = load_checkpoint(path, dtype, device, quant=quant)
+        from ..parallel.group import torchrun_world
+
+        world = tp or torchrun_world()
+        if world < 1:
+            raise GenerationError(f"--tp must be >= 1, got {world}")
+        if world > 1:
+            net, tokenizer = _load_sharded(path, dtype, device, quant, world, threads)
+            compile = False  # the compiled CUDA-graph step is single-process
+        else:
+            _, net, tokenizer = load_checkpoint(path, dtype, device, quant=quant)
         return cls(net, tokenizer, context_length=context_length, name=str(model or path.name),
                    load_s=time.perf_counter() - start, compile=compile)
 

@@ -18,6 +18,7 @@ alone or with others, so a request's log-probs and greedy tokens do not depend o
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections import deque
@@ -117,6 +118,9 @@ class BatchEngine:
         head = model.model.embed_tokens if model.lm_head is None else model.lm_head
         self.head_rows = native_layers.kernel_rows(head) if self.native is not None else 0
         self.block_size = block_size
+        # Tensor parallelism (parallel/): each step's batch goes to the other ranks, which run their shard
+        # over their own paged cache of the same blocks; logits and sampling stay here on rank 0.
+        self.tp = getattr(model, "tp", None)
         self.eos_ids = set(tokenizer.eos_token_ids)
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
@@ -182,6 +186,10 @@ class BatchEngine:
             try:
                 self.step()
             except Exception as e:  # a bug must not hang every client: fail the batch, keep serving
+                if self.tp is not None and type(e).__name__ == "RankFailed":
+                    self.tp.report(str(e))  # the group is broken: no step can run again
+                    self.tp.kill()
+                    os._exit(1)
                 for seq in list(self.running):
                     self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
                 import traceback
@@ -332,8 +340,11 @@ class BatchEngine:
             read[b, :end] = self.cache.table_slots(seq.block_table)[:end]
             write_slots += self.cache.slots(seq.block_table, start, end)
             write_index += range(b * T, b * T + n)
-        self.cache.plan_step(torch.tensor(write_slots, device=device), torch.tensor(write_index, device=device),
-                             read.to(device))
+        write_slots, write_index = torch.tensor(write_slots), torch.tensor(write_index)
+        if self.tp is not None:
+            self.tp.send(_follower_step, self.cache.blocks.num_blocks, self.block_size, write_slots, write_index,
+                         read, ids, positions, mask)
+        self.cache.plan_step(write_slots.to(device), write_index.to(device), read.to(device))
         if self.lora:
             from ..lora import set_adapter
 
@@ -467,3 +478,14 @@ class BatchEngine:
         if seq in self.waiting:
             self.waiting.remove(seq)
         seq.emit(out)
+
+
+def _follower_step(state, num_blocks: int, block_size: int, write_slots: Tensor, write_index: Tensor, read: Tensor,
+                   ids: Tensor, positions: Tensor, mask: Tensor) -> None:
+    """A tensor-parallel follower's part of one padded step: its shard over its own pool (same block ids)."""
+    model, dev = state.model, state.model.device
+    cache = state.caches.get("paged")
+    if cache is None:
+        cache = state.caches["paged"] = PagedKVCache(model.config, num_blocks, block_size, dtype=model.dtype, device=dev)
+    cache.plan_step(write_slots.to(dev), write_index.to(dev), read.to(dev))
+    model.hidden_states(ids.to(dev), cache, 0, positions.to(dev), mask.to(dev))
