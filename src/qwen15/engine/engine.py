@@ -220,9 +220,9 @@ class LLM:
         path = resolve_model(None if model is None else str(model))
         from ..parallel.group import torchrun_world
 
+        if tp is not None and tp < 1:
+            raise GenerationError(f"--tp must be >= 1, got {tp}")
         world = tp or torchrun_world()
-        if world < 1:
-            raise GenerationError(f"--tp must be >= 1, got {world}")
         if world > 1:
             net, tokenizer = _load_sharded(path, dtype, device, quant, world, threads)
             compile = False  # the compiled CUDA-graph step is single-process

@@ -203,9 +203,10 @@ def _forward(state, spec, input_ids: Tensor, start_pos, positions, mask) -> None
     if spec is not None:
         cls, key, max_len, batch = spec
         cache = state.caches.get(key)
-        if cache is None:  # a new generation: its cache replaces the last one
+        if cache is None:  # a new generation: its cache replaces the last one's
             cache = cls(model.config, max_len, batch, dtype=model.dtype, device=model.device)
-            state.caches = {key: cache}
+            state.caches = {k: v for k, v in state.caches.items() if not isinstance(k, int)}
+            state.caches[key] = cache
     dev = model.device
     to = (lambda t: t.to(dev) if isinstance(t, Tensor) else t)
     model.hidden_states(to(input_ids), cache, to(start_pos), to(positions), to(mask))
