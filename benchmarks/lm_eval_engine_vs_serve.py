@@ -19,20 +19,8 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 
-
-def wait_for(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"qwen15 serve exited with status {proc.returncode}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return
-        except OSError:
-            time.sleep(1)
-    sys.exit(f"qwen15 serve did not answer at {url} within {timeout_s:.0f}s")
+from eval_engine_vs_serve import wait_for  # the same start-up wait (this folder is on sys.path for a script)
 
 
 def accuracy(lls: list[float], docs: list[dict]) -> float:
