@@ -2,7 +2,7 @@
 blocks (--quant gguf, the decode default) and their block-int8 conversion (--quant gguf-int8, the server's).
 
     .venv/bin/python benchmarks/kernel_bench.py [--model qwen2.5-coder-1.5b-instruct] [--rows 1 16]
-        [--threads 1 2] [--layouts gguf gguf-int8] [--reps 50] [--json]
+        [--threads 1 2] [--layouts gguf gguf-x8 gguf-int8] [--reps 50] [--json]
 
 A decode step or a serving step is ~100 of these calls and a few loops between them, so a kernel change
 shows here first, without the noise of a whole model (this machine's run-to-run spread is ~10 %). To
@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="activation rows (1 = decode)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--layouts", nargs="+", default=["gguf", "gguf-int8"], choices=["gguf", "gguf-int8"])
+    ap.add_argument("--layouts", nargs="+", default=["gguf", "gguf-int8"], choices=["gguf", "gguf-x8", "gguf-int8"],
+                    help="gguf: the file's rows; gguf-x8: Q4_K/Q6_K interleaved by 8 rows (what a model load uses)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--cpu-time", action="store_true",
                     help="time each call by this thread's CPU time, not the wall clock: with --threads 1 the kernel "
@@ -74,7 +75,14 @@ def main() -> None:
         O, K = packed.shape
         what = f"{role} ({t.tensor_type.name})"
         for layout in args.layouts:
-            w = packed if layout == "gguf" else to_blockint8(packed)
+            if layout == "gguf-x8":
+                from qwen15.quant.native import can_interleave, interleave_x8
+
+                if not can_interleave(packed):
+                    continue  # not a K-quant (or no x8 kernels): the gguf row is the same thing
+                w = interleave_x8(packed)
+            else:
+                w = packed if layout == "gguf" else to_blockint8(packed)
             # copies of the weight (fresh memory) so that consecutive calls read from DRAM, not the cache
             copies = [w] + [_copy(w) for _ in range(max(0, CACHE_BYTES // max(w.nbytes, 1)))]
             calls = [KernelCall(c, "q8", lib) for c in copies]

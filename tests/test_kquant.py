@@ -106,3 +106,52 @@ def test_kquant_saturation_bounds(lib):
             y = native.matmul(x, w)
             ref = native.matmul_kquant_reference(x, w)
             assert float(((y.double() - ref).abs() / ref.abs().max()).max()) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def x8(lib):
+    if not native.x8_supported():
+        pytest.skip("the x8 kernels are built only with AVX2")
+
+
+@pytest.mark.parametrize("qtype", KQ, ids=lambda t: t.name)
+@pytest.mark.parametrize("O,K", [(40, 768), (16, 2304)])
+def test_x8_layout_is_lossless_and_gives_the_same_bits(x8, qtype, O, K):
+    """The interleaved layout holds the same bytes (back to the file's exactly; dequantized as gguf does),
+    and its kernels give the file-layout kernels' bits at 1, 3, 5 and 70 rows, on 1 and 2 threads."""
+    w, raw = _packed(qtype, O, K, seed=int(qtype) * 7 + K)
+    v = native.interleave_x8(w)
+    assert v.interleaved and v.raw.shape == w.raw.shape and not torch.equal(v.raw, w.raw)
+    assert torch.equal(native.file_layout(v).raw, w.raw)
+    want = gguf_dequantize(raw, qtype).reshape(O, K).view(np.int32)
+    np.testing.assert_array_equal(native.dequantize_any(v).numpy().view(np.int32), want)
+    g = torch.Generator().manual_seed(O + K)
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for M in (1, 3, 5, 70):
+                x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4
+                assert torch.equal(native.matmul(x, v, native_max_rows=M), native.matmul(x, w, native_max_rows=M)), (threads, M)
+            x = torch.randn(100, K, generator=g)  # past the kernel's row limit: dequantize + BLAS, by whole groups
+            assert torch.equal(native.matmul_panels(x, v), native.matmul_panels(x, w))
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_x8_saturation_bounds(x8):
+    """The x8 kernels sum int16 products of several chunks before a madd: at the extremes of every range
+    (nibbles 15 and scales 63; u = 63 and scales -128; activations +-127) they still equal the file kernels."""
+    K = 512
+    for qtype in KQ:
+        _, raw = _packed(qtype, 8, K, seed=9)
+        raw = raw.copy()
+        if qtype == Q.Q6_K:
+            raw.reshape(-1, 210)[:, :192] = 0xFF
+            raw.reshape(-1, 210)[:, 192:208] = 0x80
+        else:
+            raw.reshape(-1, 144)[:, 4:] = 0xFF
+        w = packed_from_gguf(np.ascontiguousarray(raw), qtype, (8, K))
+        v = native.interleave_x8(w)
+        for sign in (1.0, -1.0):
+            x = torch.full((3, K), sign)
+            assert torch.equal(native.matmul(x, v), native.matmul(x, w))

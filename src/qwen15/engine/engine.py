@@ -19,6 +19,7 @@ from ..errors import GenerationError
 from ..model import Transformer, build_model
 from ..quant import repack_cache
 from ..quant.modules import fuse_state, set_activations
+from ..quant.native import interleave_state
 from ..tokenizer import Tokenizer
 from .kv_cache import KVCache
 from .sampling import Sampler, SamplingParams
@@ -123,6 +124,8 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: str,
             keep = {"packed": "packed", "int8": True}.get(layout, False)
             config, state_dict, metadata = load_gguf(path, dtype=dtype, keep_quantized=keep)
             fuse_state(state_dict)  # cached fused, so a warm load builds the model without copying
+            if layout == "packed":
+                interleave_state(state_dict)  # cached interleaved too: a warm load does not repack
             if layout and repack_cache.enabled():
                 repack_cache.save(path, state_dict, layout)
         tokenizer = Tokenizer.from_gguf_metadata(metadata)

@@ -172,6 +172,7 @@ _CHUNK_WEIGHTS = 1 << 22
 # ---- GGUF blocks kept as the file stores them ----------------------------------------------------------
 
 # Types the C kernels read as they are (gguf_kernels.c). Everything else converts to BlockInt8.
+X8 = 0x100  # flag on a kernel type: the x8 interleaved layout of gguf_kernels.c
 PACKED = (Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q4_K, Q.Q6_K)
 _SMALL = (Q.Q8_0, Q.Q5_0, Q.Q4_0)  # 32-weight blocks with one fp16 scale: each converts to Q8_0 losslessly
 
@@ -184,10 +185,16 @@ class GGUFBlocks:
     qtype: int
     in_features: int
     mapped: bool = False  # raw is a view of a read-only file mmap (its pages can be dropped, see drop_pages)
+    interleaved: bool = False  # groups of 8 rows in the kernels' x8 layout (native.interleave_x8), not the file's
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.raw.shape[0], self.in_features)
+
+    @property
+    def kernel_qtype(self) -> int:
+        """The type as the C kernels take it: the ggml id, with X8 set for the interleaved layout."""
+        return self.qtype | X8 if self.interleaved else self.qtype
 
     @property
     def nbytes(self) -> int:
@@ -210,6 +217,10 @@ def packed_from_gguf(raw: np.ndarray, qtype: Q, torch_shape: tuple[int, ...], ma
 
 
 def to_blockint8(w: GGUFBlocks) -> BlockInt8:
+    if w.interleaved:
+        from .native import file_layout
+
+        w = file_layout(w)
     return from_gguf(w.raw.numpy(), Q(w.qtype), w.shape)
 
 

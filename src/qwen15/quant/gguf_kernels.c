@@ -12,8 +12,10 @@
 enum { QT_Q4_0 = 2, QT_Q5_0 = 6, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q6_K = 14 };  /* ggml type ids */
 
 /* Bytes of one row of K weights; 0 for a type these kernels do not take. */
+#define QT_X8 0x100  /* flag on a K-quant type: the weight is in the interleaved layout (below) */
+
 static long gguf_row_bytes(int qtype, int K) {
-    switch (qtype) {
+    switch (qtype & 0xFF) {
         case QT_Q4_0: return K / 32 * 18L;
         case QT_Q5_0: return K / 32 * 22L;
         case QT_Q8_0: return K / 32 * 34L;
@@ -625,6 +627,239 @@ static inline void q6k_tile(const uint8_t *row, const int8_t *xq, const float *d
 }
 #endif
 
+/* ---- The interleaved K-quant layout ("x8") ----
+   In the file a row's super-blocks follow one another, so a kernel reduces each row on its own: a
+   horizontal sum and the row's own scale decoding every super-block, and a maddubs plus a madd for every
+   32 weights. As llama.cpp's CPU backend repacks Q4_K into block_q4_Kx8, groups of 8 rows are stored with
+   their super-block s side by side: one 32-byte load holds 4 weights of each of the 8 rows, a vector lane
+   is a row (no horizontal sums), the scales of 8 rows decode together, and a sub-block's int16 products
+   are summed before its one madd. The same bytes rearranged (a group takes exactly its 8 file rows'
+   bytes), computing the same integers and the same float steps as q4k_tile / q6k_tile: the same bits.
+
+   Q4_K, one super-block of 8 rows (1152 bytes):
+     [0, 16) d of rows 0..7 (fp16)   [16, 32) their dmin   [32, 128) scale word w (bytes 4w..4w+3) of row r at 32 + 32w + 4r
+     [128, 1152) row r's qs[32j + 4c .. +3] at 128 + 32 (8j + c) + 4r                     (j < 4, c < 8)
+   Q6_K (1680 bytes):
+     [0, 16) d   [16, 144) scale i of row r at 16 + 8i + r
+     [144, 1680) in the order the kernel reads them (a stream the prefetcher follows; three streams a
+     super-block apart ran at half the speed from memory), for g < 2, c < 8, at 144 + 96 (8g + c):
+       + 4r: row r's ql[64g + 4c .. +3]   + 32 + 4r: ql[64g + 32 + 4c .. +3]   + 64 + 4r: qh[32g + 4c .. +3] */
+
+/* One group of 8 rows, file layout (rows rb bytes apart) <-> x8; inverse: x8 to file. */
+static void x8_group(uint8_t *file, uint8_t *x8, int qt, int K, int inverse) {
+    const long rb = gguf_row_bytes(qt, K);
+    const int q4 = qt == QT_Q4_K, fsb = q4 ? 144 : 210, xsb = q4 ? 1152 : 1680;
+#define MV(xo, fo, n) (inverse ? memcpy(f + (fo), g + (xo), (n)) : memcpy(g + (xo), f + (fo), (n)))
+    for (int s = 0; s < K / 256; s++) {
+        uint8_t *g = x8 + (size_t)s * xsb;
+        for (int r = 0; r < 8; r++) {
+            uint8_t *f = file + r * rb + (size_t)s * fsb;
+            if (q4) {
+                MV(2 * r, 0, 2);
+                MV(16 + 2 * r, 2, 2);
+                for (int w = 0; w < 3; w++) MV(32 + 32 * w + 4 * r, 4 + 4 * w, 4);
+                for (int j = 0; j < 4; j++)
+                    for (int c = 0; c < 8; c++) MV(128 + 32 * (8 * j + c) + 4 * r, 16 + 32 * j + 4 * c, 4);
+            } else {
+                MV(2 * r, 208, 2);
+                for (int i = 0; i < 16; i++) MV(16 + 8 * i + r, 192 + i, 1);
+                for (int gg = 0; gg < 2; gg++)
+                    for (int c = 0; c < 8; c++) {
+                        for (int p = 0; p < 2; p++) MV(144 + 96 * (8 * gg + c) + 32 * p + 4 * r, 64 * gg + 32 * p + 4 * c, 4);
+                        MV(144 + 96 * (8 * gg + c) + 64 + 4 * r, 128 + 32 * gg + 4 * c, 4);
+                    }
+            }
+        }
+    }
+#undef MV
+}
+
+/* 1 where the x8 kernels exist (AVX2): elsewhere weights stay in the file's layout. */
+int gguf_x8_supported(void) { return Q8_ISA; }
+
+/* O rows of a Q4_K / Q6_K matrix (O % 8 == 0, K % 256 == 0) into the x8 layout, or back (inverse). */
+void gguf_interleave_x8(const uint8_t *src, int qtype, int O, int K, uint8_t *dst, int inverse, int nthreads) {
+    const long gb = 8 * gguf_row_bytes(qtype, K);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int g = 0; g < O / 8; g++) {
+        uint8_t *a = (uint8_t *)src + (size_t)g * gb, *b = dst + (size_t)g * gb;
+        if (inverse) x8_group(b, a, qtype & 0xFF, K, 1);
+        else x8_group(a, b, qtype & 0xFF, K, 0);
+    }
+}
+
+#if Q8_ISA
+#define X8_MT 4  /* activation rows a tile: their accumulators stay in registers */
+
+static inline __attribute__((always_inline)) __m256 fp16x8(const uint8_t *p) {
+    float f[8];
+    for (int r = 0; r < 8; r++) f[r] = half_to_float(p + 2 * r);
+    return _mm256_loadu_ps(f);
+}
+
+/* lane r = byte `b` of lane r's word, as the int16 pair (v, v): madd with it scales both int16 halves. */
+static inline __attribute__((always_inline)) __m256i byte_pair(__m256i words, int b) {
+    const __m256i v = _mm256_and_si256(_mm256_srli_epi32(words, 8 * b), _mm256_set1_epi32(0xFF));
+    return _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+}
+
+static inline __attribute__((always_inline)) __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+static inline __attribute__((always_inline)) __m256i pair16(int a, int b) {
+    return _mm256_set1_epi32((int)(((uint32_t)(uint16_t)b << 16) | (uint16_t)a));
+}
+
+/* 8 Q4_K rows (one x8 group) times MT activation rows: acc[m] lane r = output (m, r). */
+static inline __attribute__((always_inline)) void q4k_x8_tile(
+        const uint8_t *grp, const int8_t *xq, const float *dk, const int16_t *bsum, int K, int MT, __m256 *acc) {
+    const int ns = K / 256;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), m6 = _mm256_set1_epi32(0x3F3F3F3F);
+    const __m256i m4 = _mm256_set1_epi32(0x0F0F0F0F), m2 = _mm256_set1_epi32(0x03030303);
+    for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
+    for (int s = 0; s < ns; s++) {
+        const uint8_t *sb = grp + (size_t)s * 1152;
+        /* q4k_scales for 8 rows at once: sl/sh the scales of sub-blocks 0-3/4-7, ml/mh the mins */
+        const __m256i u0 = _mm256_loadu_si256((const __m256i *)(sb + 32));
+        const __m256i u1 = _mm256_loadu_si256((const __m256i *)(sb + 64));
+        const __m256i u2 = _mm256_loadu_si256((const __m256i *)(sb + 96));
+        const __m256i sl = _mm256_and_si256(u0, m6), ml = _mm256_and_si256(u1, m6);
+        const __m256i sh = _mm256_or_si256(_mm256_and_si256(u2, m4),
+                                           _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), m2), 4));
+        const __m256i mh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), m4),
+                                           _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), m2), 4));
+        __m256i isum[X8_MT];
+        for (int m = 0; m < MT; m++) isum[m] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {  /* sub-blocks 2j (low nibbles) and 2j + 1 (high) */
+            const __m256i S = j < 2 ? sl : sh;
+            const __m256i sa = byte_pair(S, (2 * j) % 4), sb2 = byte_pair(S, (2 * j) % 4 + 1);
+            __m256i lo[X8_MT], hi[X8_MT];
+            for (int m = 0; m < MT; m++) lo[m] = hi[m] = _mm256_setzero_si256();
+            const uint8_t *qp = sb + 128 + 256 * j;
+            for (int c = 0; c < 8; c++) {  /* 8 x 2 x 15 x 127 = 30480: the int16 sums cannot overflow */
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(qp + 32 * c));
+                const __m256i wl = _mm256_and_si256(w, low4), wh = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+                for (int m = 0; m < MT; m++) {
+                    const int8_t *xp = xq + (size_t)m * K + s * 256 + 64 * j + 4 * c;
+                    lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(wl, bcast4(xp)));
+                    hi[m] = _mm256_add_epi16(hi[m], _mm256_maddubs_epi16(wh, bcast4(xp + 32)));
+                }
+            }
+            for (int m = 0; m < MT; m++)
+                isum[m] = _mm256_add_epi32(isum[m], _mm256_add_epi32(_mm256_madd_epi16(lo[m], sa), _mm256_madd_epi16(hi[m], sb2)));
+        }
+        /* the mins times the activation sums: sub-block b covers the 16-sums 2b and 2b + 1 */
+        __m256i mp[4];
+        for (int p = 0; p < 4; p++) {  /* lane r: (min of sub-block 2p, min of 2p + 1) as int16 */
+            const __m256i M = p < 2 ? ml : mh;
+            const int b = (2 * p) % 4;
+            mp[p] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(M, 8 * b), _mm256_set1_epi32(0xFF)),
+                                    _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(M, 8 * b + 8), _mm256_set1_epi32(0xFF)), 16));
+        }
+        const __m256 d8 = fp16x8(sb), dm8 = fp16x8(sb + 16);
+        for (int m = 0; m < MT; m++) {
+            const int16_t *bp = bsum + (size_t)m * (K / 16) + s * 16;
+            __m256i ms = _mm256_setzero_si256();
+            for (int p = 0; p < 4; p++)
+                ms = _mm256_add_epi32(ms, _mm256_madd_epi16(mp[p], pair16(bp[4 * p] + bp[4 * p + 1], bp[4 * p + 2] + bp[4 * p + 3])));
+            const __m256 dy = _mm256_set1_ps(dk[(size_t)m * ns + s]);
+            acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(d8, dy), _mm256_cvtepi32_ps(isum[m]), acc[m]);
+            acc[m] = _mm256_fmadd_ps(_mm256_xor_ps(_mm256_mul_ps(dm8, dy), _mm256_set1_ps(-0.f)), _mm256_cvtepi32_ps(ms), acc[m]);
+        }
+    }
+}
+
+/* 8 Q6_K rows times MT activation rows. The stored values u = w + 32 go into maddubs unsigned (the 32 * x
+   they add is taken out once a super-block from the 16-sums); 2 x 2 x 63 x 127 = 32004 fits int16, so
+   the products of two 4-byte chunks are summed before a madd. */
+static inline __attribute__((always_inline)) void q6k_x8_tile(
+        const uint8_t *grp, const int8_t *xq, const float *dk, const int16_t *bsum, int K, int MT, __m256 *acc) {
+    const int ns = K / 256;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3), lo16 = _mm256_set1_epi32(0xFFFF);
+    for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
+    for (int s = 0; s < ns; s++) {
+        const uint8_t *sb = grp + (size_t)s * 1680;
+        __m256i isum[X8_MT];
+        for (int m = 0; m < MT; m++) isum[m] = _mm256_setzero_si256();
+        for (int g = 0; g < 2; g++) {
+            const uint8_t *cp = sb + 144 + 96 * 8 * g;  /* chunk c: ql low half, ql high half, qh; 96 bytes */
+            for (int c = 0; c < 8; c += 2) {  /* elements 4c .. 4c + 7 of the four 32-blocks of this half */
+                __m256i a[X8_MT][4];
+                for (int m = 0; m < MT; m++) for (int r = 0; r < 4; r++) a[m][r] = _mm256_setzero_si256();
+                for (int cc = c; cc < c + 2; cc++) {
+                    const __m256i l0 = _mm256_loadu_si256((const __m256i *)(cp + 96 * cc));
+                    const __m256i l1 = _mm256_loadu_si256((const __m256i *)(cp + 96 * cc + 32));
+                    const __m256i hb = _mm256_loadu_si256((const __m256i *)(cp + 96 * cc + 64));
+                    __m256i u[4];
+                    u[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4));
+                    u[1] = _mm256_or_si256(_mm256_and_si256(l1, low4),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4));
+                    u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4));
+                    u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4));
+                    for (int m = 0; m < MT; m++)
+                        for (int r = 0; r < 4; r++)
+                            a[m][r] = _mm256_add_epi16(a[m][r], _mm256_maddubs_epi16(
+                                u[r], bcast4(xq + (size_t)m * K + s * 256 + 128 * g + 32 * r + 4 * cc)));
+                }
+                for (int r = 0; r < 4; r++) {  /* elements 0-15 of block r take scale 8g + 2r, 16-31 the next */
+                    const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sb + 16 + 8 * (8 * g + 2 * r + (c >= 4)))));
+                    const __m256i sp = _mm256_or_si256(_mm256_and_si256(sc, lo16), _mm256_slli_epi32(sc, 16));
+                    for (int m = 0; m < MT; m++) isum[m] = _mm256_add_epi32(isum[m], _mm256_madd_epi16(a[m][r], sp));
+                }
+            }
+        }
+        /* 32 * sum_i scale_i * (16-sum i), taken out of each row's sum */
+        __m256i sp[8];
+        for (int i = 0; i < 8; i++) {
+            const __m256i a = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sb + 16 + 8 * (2 * i))));
+            const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sb + 16 + 8 * (2 * i + 1))));
+            sp[i] = _mm256_or_si256(_mm256_and_si256(a, lo16), _mm256_slli_epi32(b, 16));
+        }
+        const __m256 d8 = fp16x8(sb);
+        for (int m = 0; m < MT; m++) {
+            const int16_t *bp = bsum + (size_t)m * (K / 16) + s * 16;
+            __m256i corr = _mm256_setzero_si256();
+            for (int i = 0; i < 8; i++) corr = _mm256_add_epi32(corr, _mm256_madd_epi16(sp[i], pair16(bp[2 * i], bp[2 * i + 1])));
+            const __m256i total = _mm256_sub_epi32(isum[m], _mm256_slli_epi32(corr, 5));
+            acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(d8, _mm256_set1_ps(dk[(size_t)m * ns + s])), _mm256_cvtepi32_ps(total), acc[m]);
+        }
+    }
+}
+
+/* Output rows o0..o1 (multiples of 8) of an x8 matrix for all M activation rows. */
+static void kquant_x8_rows(int o0, int o1, const int8_t *xq, const float *dk, const int16_t *bsum, int M, int K,
+                           const uint8_t *raw, int qt, float *y, long ldy) {
+    const long gb = 8 * gguf_row_bytes(qt, K);
+    const int ns = K / 256;
+    /* Prefill: the activation rows in blocks that stay in L2 (~256 KB) while every group of this thread's
+       share passes over them; all M rows at once would stream megabytes from L3 for each group. */
+    int mb = (256 << 10) / K / X8_MT * X8_MT;
+    if (mb < X8_MT) mb = X8_MT;
+    for (int b0 = 0; b0 < M; b0 += mb) {
+    const int b1 = b0 + mb < M ? b0 + mb : M;
+    for (int g = o0 / 8; g < o1 / 8; g++) {
+        const uint8_t *grp = raw + (size_t)g * gb;
+        for (int m0 = b0; m0 < b1; m0 += X8_MT) {
+            const int mt = b1 - m0 < X8_MT ? b1 - m0 : X8_MT;
+            const int8_t *xm = xq + (size_t)m0 * K;
+            const float *dm = dk + (size_t)m0 * ns;
+            const int16_t *bm = bsum + (size_t)m0 * (K / 16);
+            __m256 acc[X8_MT];
+#define X8(n) if (qt == QT_Q4_K) q4k_x8_tile(grp, xm, dm, bm, K, n, acc); else q6k_x8_tile(grp, xm, dm, bm, K, n, acc)
+            switch (mt) { case 1: X8(1); break; case 2: X8(2); break; case 3: X8(3); break; default: X8(4); break; }
+#undef X8
+            for (int m = 0; m < mt; m++) _mm256_storeu_ps(y + (size_t)(m0 + m) * ldy + 8 * g, acc[m]);
+        }
+    }
+    }
+}
+#endif
+
 /* Output column o of a K-quant matrix for all M activation rows (qtype a constant in each caller). */
 static inline __attribute__((always_inline)) void kquant_row_t(
         int o, const int8_t *xq, const float *dk, const int16_t *bsum, int M, int K, const uint8_t *raw,
@@ -645,13 +880,19 @@ static inline __attribute__((always_inline)) void kquant_row_t(
 
 static void kquant_rows(int o0, int o1, const int8_t *xq, const float *dk, const int16_t *bsum, int M, int K,
                         const uint8_t *raw, int qtype, float *y, long ldy) {
+#if Q8_ISA
+    if (qtype & QT_X8) {
+        kquant_x8_rows(o0, o1, xq, dk, bsum, M, K, raw, qtype & 0xFF, y, ldy);
+        return;
+    }
+#endif
     if (qtype == QT_Q4_K)
         for (int o = o0; o < o1; o++) kquant_row_t(o, xq, dk, bsum, M, K, raw, QT_Q4_K, y, ldy);
     else
         for (int o = o0; o < o1; o++) kquant_row_t(o, xq, dk, bsum, M, K, raw, QT_Q6_K, y, ldy);
 }
 
-static inline int is_kquant(int qtype) { return qtype == QT_Q4_K || qtype == QT_Q6_K; }
+static inline int is_kquant(int qtype) { return (qtype & 0xFF) == QT_Q4_K || (qtype & 0xFF) == QT_Q6_K; }
 
 /* 1 where the K-quant kernels were built with VNNI's vpdpwssd (for bench output). */
 int gguf_kquant_vnni(void) {
@@ -677,9 +918,12 @@ int gguf_matmul_q8(const float *x, const float *xsum, int M, int K, const uint8_
         float *dk = malloc((size_t)M * (K / 256) * sizeof(float));
         int16_t *bs = malloc((size_t)M * (K / 16) * sizeof(int16_t));
         if (!xq || !dk || !bs) { free(xq); free(dk); free(bs); return -1; }
-        quantize_rows_k(x, M, K, xq, dk, bs);
 #pragma omp parallel num_threads(nthreads)
         {
+            /* each thread rounds a share of the rows (a 512-token prompt's are ~10% of the matmul alone) */
+#pragma omp for schedule(static)
+            for (int m = 0; m < M; m++)
+                quantize_rows_k(x + (size_t)m * K, 1, K, xq + (size_t)m * K, dk + (size_t)m * (K / 256), bs + (size_t)m * (K / 16));
             int o0, o1;
             share(O, omp_get_thread_num(), omp_get_num_threads(), 8, &o0, &o1);
             kquant_rows(o0, o1, xq, dk, bs, M, K, raw, qtype, y, O);
@@ -705,6 +949,14 @@ int gguf_matmul_q8(const float *x, const float *xsum, int M, int K, const uint8_
 /* Rows of W as float32 out [O, K]: q * scale + offset, as blocks.dequantize computes the BlockInt8 form
    (and gguf.quants.dequantize the file's blocks), bit for bit. */
 void gguf_dequantize(const uint8_t *raw, int qtype, int O, int K, float *out, int nthreads) {
+    if (qtype & QT_X8) {  /* back to the file's layout first (dequantization is not a hot path) */
+        uint8_t *file = malloc((size_t)O * gguf_row_bytes(qtype, K));
+        if (!file) return;
+        gguf_interleave_x8(raw, qtype, O, K, file, 1, nthreads);
+        gguf_dequantize(file, qtype & 0xFF, O, K, out, nthreads);
+        free(file);
+        return;
+    }
     const long rb = gguf_row_bytes(qtype, K);
     const int nb = K / 32;
 #pragma omp parallel for num_threads(nthreads) schedule(static)

@@ -20,6 +20,7 @@ class _BlockWeight(nn.Module):
         self.packed = isinstance(w, GGUFBlocks)
         if self.packed:
             self.qtype, self.block, self.in_dim = w.qtype, 32, w.in_features
+            self.interleaved = w.interleaved
             self.register_buffer("raw", w.raw)
             self.q = self.scale = self.offset = None
         else:
@@ -33,7 +34,7 @@ class _BlockWeight(nn.Module):
     def weight_data(self) -> BlockInt8 | GGUFBlocks:
         """The weight in the form this module holds it."""
         if self.packed:
-            return GGUFBlocks(self.raw, self.qtype, self.in_dim)
+            return GGUFBlocks(self.raw, self.qtype, self.in_dim, interleaved=self.interleaved)
         return BlockInt8(self.q, self.scale, self.offset, self.block)
 
     @property
@@ -71,7 +72,8 @@ class QuantLinear(_BlockWeight):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        form = f"gguf_type={self.qtype}" if self.packed else f"block={self.block}, offset={self.offset is not None}"
+        form = (f"gguf_type={self.qtype}{', x8' if self.interleaved else ''}" if self.packed
+                else f"block={self.block}, offset={self.offset is not None}")
         return f"in_features={self.in_features}, out_features={self.out_features}, {form}, bias={self.bias is not None}"
 
 

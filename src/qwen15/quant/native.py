@@ -98,6 +98,9 @@ def load_library() -> ctypes.CDLL | None:
             lib.blockint8_exact_isa.restype = I
             lib.blockint8_q8_isa.restype = I
             lib.gguf_kquant_vnni.restype = I
+            lib.gguf_x8_supported.restype = I
+            lib.gguf_interleave_x8.argtypes = [P, I, I, I, P, I, I]
+            lib.gguf_interleave_x8.restype = None
             _lib = lib
         except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch path
             warnings.warn(f"qwen15: block-int8 C kernel unavailable ({e}); using the slower PyTorch path",
@@ -126,6 +129,52 @@ def block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.view(M, K // block, block).sum(-1)
 
 
+def x8_supported() -> bool:
+    """Whether this machine's kernels take the interleaved x8 layout of Q4_K / Q6_K (the AVX2 build)."""
+    lib = load_library()
+    return lib is not None and bool(lib.gguf_x8_supported())
+
+
+def can_interleave(w: GGUFBlocks) -> bool:
+    O, K = w.shape
+    return (not w.interleaved and w.qtype in K_QUANT_TYPES and O % 8 == 0 and K % 256 == 0
+            and w.raw.is_contiguous() and x8_supported())
+
+
+def interleave_x8(w: GGUFBlocks) -> GGUFBlocks:
+    """w's bytes rearranged into the x8 layout (groups of 8 rows side by side, as llama.cpp repacks Q4_K into
+    block_q4_Kx8): the same size and the same values, read by kernels that reduce 8 rows in vector lanes.
+    A new buffer: a file-mapped source's pages are dropped from this process afterwards."""
+    from .blocks import drop_pages
+
+    if not can_interleave(w):
+        return w
+    O, K = w.shape
+    out = torch.empty_like(w.raw, memory_format=torch.contiguous_format)
+    load_library().gguf_interleave_x8(w.raw.data_ptr(), w.qtype, O, K, out.data_ptr(), 0, torch.get_num_threads())
+    drop_pages(w)
+    return GGUFBlocks(out, w.qtype, w.in_features, interleaved=True)
+
+
+def file_layout(w: GGUFBlocks) -> GGUFBlocks:
+    """w in the file's row layout (a copy when it is interleaved)."""
+    if not w.interleaved:
+        return w
+    O, K = w.shape
+    out = torch.empty_like(w.raw, memory_format=torch.contiguous_format)
+    load_library().gguf_interleave_x8(w.raw.data_ptr(), w.qtype, O, K, out.data_ptr(), 1, torch.get_num_threads())
+    return GGUFBlocks(out, w.qtype, w.in_features)
+
+
+def interleave_state(state: dict, skip: tuple[str, ...] = ("embed_tokens.weight",)) -> dict:
+    """Every K-quant matrix of a state dict that the x8 kernels take, interleaved in place (embedding
+    tables are looked up by row, so they keep the file's layout). Returns state."""
+    for name, value in state.items():
+        if isinstance(value, GGUFBlocks) and not name.endswith(skip):
+            state[name] = interleave_x8(value)
+    return state
+
+
 def dequantize_any(w: BlockInt8 | GGUFBlocks) -> torch.Tensor:
     """float32 [O, K] of either form (for GGUF blocks: the C dequantizer, else gguf's numpy one)."""
     if isinstance(w, BlockInt8):
@@ -135,9 +184,9 @@ def dequantize_any(w: BlockInt8 | GGUFBlocks) -> torch.Tensor:
     if lib is None:
         from gguf.quants import dequantize as gguf_dequantize
 
-        return torch.from_numpy(gguf_dequantize(w.raw.numpy(), GGMLQuantizationType(w.qtype)).reshape(O, K))
+        return torch.from_numpy(gguf_dequantize(file_layout(w).raw.numpy(), GGMLQuantizationType(w.qtype)).reshape(O, K))
     out = torch.empty(O, K, dtype=torch.float32)
-    lib.gguf_dequantize(w.raw.data_ptr(), w.qtype, O, K, out.data_ptr(), torch.get_num_threads())
+    lib.gguf_dequantize(w.raw.data_ptr(), w.kernel_qtype, O, K, out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -174,13 +223,15 @@ def matmul_panels(x: torch.Tensor, w: BlockInt8 | GGUFBlocks, lib: ctypes.CDLL |
     M, K = x.shape
     O = w.shape[0]
     rows = max(1, min(O, PANEL_BYTES // (4 * K)))
+    if isinstance(w, GGUFBlocks) and w.interleaved:
+        rows = max(8, rows // 8 * 8)  # whole x8 groups
     panel = _panel_buffer(rows * K).view(rows, K)
     threads = torch.get_num_threads()
     if isinstance(w, GGUFBlocks):
         raw, row_bytes = w.raw.data_ptr(), w.raw.shape[1]
 
         def dequantize_rows(o0: int, n: int) -> torch.Tensor:
-            lib.gguf_dequantize(raw + o0 * row_bytes, w.qtype, n, K, panel.data_ptr(), threads)
+            lib.gguf_dequantize(raw + o0 * row_bytes, w.kernel_qtype, n, K, panel.data_ptr(), threads)
             return panel[:n]
     else:
         nb = K // w.block
@@ -235,7 +286,7 @@ def matmul_kquant_reference(x: torch.Tensor, w: GGUFBlocks) -> torch.Tensor:
     M, K = x.shape
     xq, dk = quantize_activations_k(x)
     xr = (xq.view(M, K // 256, 256).double() * dk.double()[..., None]).view(M, K)
-    wd = torch.from_numpy(gguf_dequantize(w.raw.numpy(), GGMLQuantizationType(w.qtype)).reshape(w.shape)).double()
+    wd = torch.from_numpy(gguf_dequantize(file_layout(w).raw.numpy(), GGMLQuantizationType(w.qtype)).reshape(w.shape)).double()
     return xr @ wd.T
 
 
@@ -288,7 +339,7 @@ class KernelCall:
             self.q, self.block, self.max_rows = w.raw, 32, rows if activations == "q8" else 0
             self.fn, self.sums = lib.gguf_matmul_q8, False  # Q4_K's mins use the int8 sums (Q8_K, in C)
             self._keep = (w.raw,)
-            self.args = (w.raw.data_ptr(), w.qtype, self.O)
+            self.args = (w.raw.data_ptr(), w.kernel_qtype, self.O)
             return
         self.q = w.q
         if activations == "q8" and not q8_supported(w):

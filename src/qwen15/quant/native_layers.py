@@ -58,7 +58,7 @@ class QDims(ctypes.Structure):
 
 def _qmat(m: QuantLinear) -> QMat:
     if m.packed:  # GGUF blocks: int8 activations always (supported() asks for "q8")
-        return QMat(None, None, None, 32, m.out_features, m.in_features, 1, m.raw.data_ptr(), m.qtype)
+        return QMat(None, None, None, 32, m.out_features, m.in_features, 1, m.raw.data_ptr(), m.weight_data.kernel_qtype)
     w = m.blocks
     return QMat(w.q.data_ptr(), w.scale.data_ptr(), w.offset.data_ptr() if w.offset is not None else None,
                 w.block, w.q.shape[0], w.q.shape[1], int(m.activations == "q8" and q8_supported(w)), None, 0)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: `qwen15 cache`
 
     from .blocks import BlockInt8, GGUFBlocks
 
-LAYOUT_VERSION = 3  # bump when BlockInt8, GGUFBlocks, the conversion or the fusing changes
+LAYOUT_VERSION = 4  # bump when BlockInt8, GGUFBlocks, the conversion or the fusing changes
 
 
 def enabled() -> bool:
@@ -208,7 +208,7 @@ def save(gguf: Path, state: dict[str, torch.Tensor | BlockInt8 | GGUFBlocks], la
     packed: dict[str, list[int]] = {}
     for name, value in state.items():
         if isinstance(value, GGUFBlocks):
-            packed[name] = [value.qtype, value.in_features]
+            packed[name] = [value.qtype, value.in_features, int(value.interleaved)]
             flat[f"{name}::raw"] = value.raw.contiguous()
         elif isinstance(value, BlockInt8):
             blocks[name] = value.block
@@ -261,8 +261,13 @@ def load(gguf: Path, layout: str = "int8") -> dict[str, torch.Tensor | BlockInt8
             packed = json.loads(meta.get("packed", "{}"))
             flat = {k: f.get_tensor(k) for k in f.keys()}
         state: dict[str, torch.Tensor | BlockInt8 | GGUFBlocks] = {k: v for k, v in flat.items() if "::" not in k}
-        for name, (qtype, in_features) in packed.items():
-            state[name] = GGUFBlocks(flat[f"{name}::raw"], int(qtype), int(in_features))
+        if any(v[2] for v in packed.values()):
+            from .native import x8_supported
+
+            if not x8_supported():  # kept by a build with the x8 kernels: this one reads the file instead
+                return None
+        for name, (qtype, in_features, interleaved) in packed.items():
+            state[name] = GGUFBlocks(flat[f"{name}::raw"], int(qtype), int(in_features), interleaved=bool(interleaved))
         for name, block in blocks.items():
             state[name] = BlockInt8(q=flat[f"{name}::q"], scale=flat[f"{name}::scale"],
                                     offset=flat.get(f"{name}::offset"), block=int(block))
