@@ -41,7 +41,16 @@ def make_backend(args: argparse.Namespace):
 
     from ..cli import DEFAULT_MODEL
 
+    lora = getattr(args, "lora", None)
+    if lora:
+        from ..lora import read_adapter
+
+        read_adapter(lora)  # a bad adapter directory fails before the (slow) load
     llm = LLM.load(args.model, threads=args.threads, context_length=args.context, device=args.device, quant=args.quant)
+    if lora:  # unmerged, as `qwen15 generate --lora`: the base's compact matrices stay as they are
+        from ..lora import load_adapter
+
+        load_adapter(llm.model, lora)
     return EngineBackend(llm), str(args.model or DEFAULT_MODEL)  # as the user named it, not the file's name
 
 
@@ -49,6 +58,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_task
     from .tasks import get_task
 
+    if getattr(args, "lora", None):
+        from ..lora import read_adapter
+
+        read_adapter(args.lora)  # before the task's data and the model
     extra = {}
     if args.task in ("needle", "passkey"):
         extra = {"lengths": _ints(args.lengths, "--lengths"), "depths": _ints(args.depths, "--depths")}
@@ -174,6 +187,8 @@ def add_eval_parser(sub) -> None:
     r.add_argument("--device", default="cpu")
     r.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf",
                    help="weights on CPU: see `qwen15 generate --help`")
+    r.add_argument("--lora", default=None, metavar="DIR",
+                   help="a LoRA adapter (PEFT directory, e.g. from `qwen15 train sft`) applied to --model")
     r.add_argument("--results-dir", "--out", dest="out", default=None,
                    help="results folder (default: ~/.cache/qwen15/eval-runs)")
     r.add_argument("--no-progress", action="store_true")
