@@ -235,6 +235,8 @@ async def main_async(args) -> dict:
              "--token-budget", str(args.token_budget), "--kv-tokens", str(args.kv_tokens)]
     if args.threads:
         flags += ["--threads", str(args.threads)]
+    if args.quant:
+        flags += ["--quant", args.quant]
     cmd = [sys.executable, "-m", "qwen15.cli", "serve", "--port", str(port), "--served-model-name", "bench", *flags]
     if args.model:
         cmd += ["--model", args.model]
@@ -278,6 +280,7 @@ def main() -> None:
     p.add_argument("--max-gen", type=int, default=64)
     p.add_argument("--prefix-words", type=int, default=1200)
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--quant", default=None, help="the server's --quant (default: the server's default)")
     p.add_argument("--token-budget", type=int, default=512)
     p.add_argument("--kv-tokens", type=int, default=32768)
     p.add_argument("--note", default="", help="a line added under the table (e.g. reduced counts, machine load)")
