@@ -517,6 +517,19 @@ static inline __attribute__((always_inline)) void q4k_tile(
     }
 }
 
+/* Q6_K's stored values u = w + 32 (0..63) of four 32-byte groups: low nibbles of l0 and l1, then their high
+   nibbles, each with two bits of hb (bits 0-1, 2-3, 4-5, 6-7) as bits 4-5. */
+static inline __attribute__((always_inline)) void q6k_unpack4(__m256i l0, __m256i l1, __m256i hb, __m256i *u) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3);
+    u[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4));
+    u[1] = _mm256_or_si256(_mm256_and_si256(l1, low4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4));
+    u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4));
+    u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4));
+}
+
 /* One Q6_K weight row times MT activation rows (Q8_K). The stored values u = w + 32 (0..63) go into
    maddubs unsigned; the 32 * x they add back is taken out once a super-block from the 16-sums. */
 static inline __attribute__((always_inline)) void q6k_tile(
@@ -524,7 +537,6 @@ static inline __attribute__((always_inline)) void q6k_tile(
     const int ns = K / 256;
     float acc[1] = {0.f};  /* MT == 1 */
     __m256 va = _mm256_setzero_ps();  /* MT > 1: row m's accumulator in lane m */
-    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3);
     for (int s = 0; s < ns; s++) {
         const uint8_t *sb = row + s * 210;
         const int8_t *sc = (const int8_t *)(sb + 192);
@@ -535,13 +547,7 @@ static inline __attribute__((always_inline)) void q6k_tile(
             const __m256i l1 = _mm256_loadu_si256((const __m256i *)(sb + 64 * g + 32));
             const __m256i hb = _mm256_loadu_si256((const __m256i *)(sb + 128 + 32 * g));
             __m256i u[4];
-            u[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4));
-            u[1] = _mm256_or_si256(_mm256_and_si256(l1, low4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4));
-            u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4));
-            u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4));
+            q6k_unpack4(l0, l1, hb, u);
             for (int r = 0; r < 4; r++) {
                 /* elements 0-15 of this block take scale 8g + 2r, elements 16-31 scale 8g + 2r + 1 */
                 const __m256i s16 = _mm256_set_m128i(_mm_set1_epi16(sc[8 * g + 2 * r + 1]), _mm_set1_epi16(sc[8 * g + 2 * r]));
@@ -778,7 +784,7 @@ static inline __attribute__((always_inline)) void q4k_x8_tile(
 static inline __attribute__((always_inline)) void q6k_x8_tile(
         const uint8_t *grp, const int8_t *xq, const float *dk, const int16_t *bsum, int K, int MT, __m256 *acc) {
     const int ns = K / 256;
-    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3), lo16 = _mm256_set1_epi32(0xFFFF);
+    const __m256i lo16 = _mm256_set1_epi32(0xFFFF);
     for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
     for (int s = 0; s < ns; s++) {
         const uint8_t *sb = grp + (size_t)s * 1680;
@@ -794,13 +800,7 @@ static inline __attribute__((always_inline)) void q6k_x8_tile(
                     const __m256i l1 = _mm256_loadu_si256((const __m256i *)(cp + 96 * cc + 32));
                     const __m256i hb = _mm256_loadu_si256((const __m256i *)(cp + 96 * cc + 64));
                     __m256i u[4];
-                    u[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4));
-                    u[1] = _mm256_or_si256(_mm256_and_si256(l1, low4),
-                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4));
-                    u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
-                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4));
-                    u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
-                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4));
+                    q6k_unpack4(l0, l1, hb, u);
                     for (int m = 0; m < MT; m++)
                         for (int r = 0; r < 4; r++)
                             a[m][r] = _mm256_add_epi16(a[m][r], _mm256_maddubs_epi16(
