@@ -21,11 +21,13 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from eval_engine_vs_serve import wait_for  # the same start-up wait (this folder is on sys.path for a script)
+from serve_load import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -41,12 +43,6 @@ def problems(split: str, seed: int) -> list[dict]:
     rows = [json.loads(x) for x in (DATA / f"{split}.jsonl").read_text().splitlines() if x.strip()]
     random.Random(seed).shuffle(rows)
     return rows
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _sample_split(client, split: str, want: int, seed: int, concurrency: int) -> None:
@@ -92,20 +88,16 @@ def pairs(n_train: int, n_heldout: int, seed: int, concurrency: int) -> None:
     import httpx
 
     WORK.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     server = subprocess.Popen([sys.executable, "-m", "qwen15.cli", "serve", "--model", MODEL, "--port", str(port),
                                "--served-model-name", "m", "--max-batch", str(concurrency), "--log-level", "warning"],
                               env=env)
     try:
+        wait_for(f"http://127.0.0.1:{port}", server)
+
         async def run() -> None:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=httpx.Timeout(900)) as client:
-                for _ in range(600):
-                    try:
-                        if (await client.get("/health")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        await asyncio.sleep(0.5)
                 await _sample_split(client, "train", n_train, seed, concurrency)
                 await _sample_split(client, "test", n_heldout, seed, concurrency)
 
