@@ -445,6 +445,16 @@ def main(argv: list[str] | None = None) -> int:
         tp = sys.modules.get("qwen15.parallel.group")
         group = tp.current() if tp is not None else None
         print(f"\nqwen15: interrupted: stopped all {group.world} ranks" if group else "", file=sys.stderr)
+        if group is not None:
+            # Stop the ranks and leave now: tearing down a process group that Ctrl-C cut mid-collective can
+            # wait on it (seen once in the suite as a 30 s hang), and nothing is left to tidy.
+            group.kill()
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001 - a closed pipe: nothing more to say
+                    pass
+            os._exit(130)
         return 130
     except BrokenPipeError:
         # The reader went away (`qwen15 generate ... | head`): stop quietly, as Unix tools do. Point stdout
