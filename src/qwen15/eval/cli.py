@@ -41,11 +41,7 @@ def make_backend(args: argparse.Namespace):
 
     from ..cli import DEFAULT_MODEL
 
-    lora = getattr(args, "lora", None)
-    if lora:
-        from ..lora import read_adapter
-
-        read_adapter(lora)  # a bad adapter directory fails before the (slow) load
+    lora = getattr(args, "lora", None)  # checked by cmd_run before the data and the model load
     llm = LLM.load(args.model, threads=args.threads, context_length=args.context, device=args.device, quant=args.quant)
     if lora:  # unmerged, as `qwen15 generate --lora`: the base's compact matrices stay as they are
         from ..lora import load_adapter

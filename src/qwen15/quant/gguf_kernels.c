@@ -11,9 +11,9 @@
 
 enum { QT_Q4_0 = 2, QT_Q5_0 = 6, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q6_K = 14 };  /* ggml type ids */
 
-/* Bytes of one row of K weights; 0 for a type these kernels do not take. */
 #define QT_X8 0x100  /* flag on a K-quant type: the weight is in the interleaved layout (below) */
 
+/* Bytes of one row of K weights; 0 for a type these kernels do not take. */
 static long gguf_row_bytes(int qtype, int K) {
     switch (qtype & 0xFF) {
         case QT_Q4_0: return K / 32 * 18L;
@@ -703,10 +703,19 @@ static inline __attribute__((always_inline)) __m256 fp16x8(const uint8_t *p) {
     return _mm256_loadu_ps(f);
 }
 
-/* lane r = byte `b` of lane r's word, as the int16 pair (v, v): madd with it scales both int16 halves. */
-static inline __attribute__((always_inline)) __m256i byte_pair(__m256i words, int b) {
-    const __m256i v = _mm256_and_si256(_mm256_srli_epi32(words, 8 * b), _mm256_set1_epi32(0xFF));
-    return _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+/* lane r = bytes `lo` and `hi` of lane r's word as the int16 pair (lo, hi): madd with it scales the two
+   int16 halves of a lane (lo == hi: one scale for both). */
+static inline __attribute__((always_inline)) __m256i byte_pair(__m256i words, int lo, int hi) {
+    const __m256i mask = _mm256_set1_epi32(0xFF);
+    return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(words, 8 * lo), mask),
+                           _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(words, 8 * hi), mask), 16));
+}
+
+/* lane r = Q6_K scales i and j of row r (x8 layout: 8 rows' scale i at 16 + 8i) as the int16 pair (i, j). */
+static inline __attribute__((always_inline)) __m256i scale_pair(const uint8_t *sb, int i, int j) {
+    const __m256i a = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sb + 16 + 8 * i)));
+    const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sb + 16 + 8 * j)));
+    return _mm256_or_si256(_mm256_and_si256(a, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(b, 16));
 }
 
 static inline __attribute__((always_inline)) __m256i bcast4(const int8_t *p) {
@@ -741,7 +750,8 @@ static inline __attribute__((always_inline)) void q4k_x8_tile(
         for (int m = 0; m < MT; m++) isum[m] = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {  /* sub-blocks 2j (low nibbles) and 2j + 1 (high) */
             const __m256i S = j < 2 ? sl : sh;
-            const __m256i sa = byte_pair(S, (2 * j) % 4), sb2 = byte_pair(S, (2 * j) % 4 + 1);
+            const int b = (2 * j) % 4;
+            const __m256i sa = byte_pair(S, b, b), sb2 = byte_pair(S, b + 1, b + 1);
             __m256i lo[X8_MT], hi[X8_MT];
             for (int m = 0; m < MT; m++) lo[m] = hi[m] = _mm256_setzero_si256();
             const uint8_t *qp = sb + 128 + 256 * j;
@@ -759,12 +769,8 @@ static inline __attribute__((always_inline)) void q4k_x8_tile(
         }
         /* the mins times the activation sums: sub-block b covers the 16-sums 2b and 2b + 1 */
         __m256i mp[4];
-        for (int p = 0; p < 4; p++) {  /* lane r: (min of sub-block 2p, min of 2p + 1) as int16 */
-            const __m256i M = p < 2 ? ml : mh;
-            const int b = (2 * p) % 4;
-            mp[p] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(M, 8 * b), _mm256_set1_epi32(0xFF)),
-                                    _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(M, 8 * b + 8), _mm256_set1_epi32(0xFF)), 16));
-        }
+        for (int p = 0; p < 4; p++)  /* lane r: (min of sub-block 2p, min of 2p + 1) as int16 */
+            mp[p] = byte_pair(p < 2 ? ml : mh, (2 * p) % 4, (2 * p) % 4 + 1);
         const __m256 d8 = fp16x8(sb), dm8 = fp16x8(sb + 16);
         for (int m = 0; m < MT; m++) {
             const int16_t *bp = bsum + (size_t)m * (K / 16) + s * 16;
@@ -784,7 +790,6 @@ static inline __attribute__((always_inline)) void q4k_x8_tile(
 static inline __attribute__((always_inline)) void q6k_x8_tile(
         const uint8_t *grp, const int8_t *xq, const float *dk, const int16_t *bsum, int K, int MT, __m256 *acc) {
     const int ns = K / 256;
-    const __m256i lo16 = _mm256_set1_epi32(0xFFFF);
     for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
     for (int s = 0; s < ns; s++) {
         const uint8_t *sb = grp + (size_t)s * 1680;
@@ -807,19 +812,15 @@ static inline __attribute__((always_inline)) void q6k_x8_tile(
                                 u[r], bcast4(xq + (size_t)m * K + s * 256 + 128 * g + 32 * r + 4 * cc)));
                 }
                 for (int r = 0; r < 4; r++) {  /* elements 0-15 of block r take scale 8g + 2r, 16-31 the next */
-                    const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sb + 16 + 8 * (8 * g + 2 * r + (c >= 4)))));
-                    const __m256i sp = _mm256_or_si256(_mm256_and_si256(sc, lo16), _mm256_slli_epi32(sc, 16));
+                    const int k = 8 * g + 2 * r + (c >= 4);
+                    const __m256i sp = scale_pair(sb, k, k);
                     for (int m = 0; m < MT; m++) isum[m] = _mm256_add_epi32(isum[m], _mm256_madd_epi16(a[m][r], sp));
                 }
             }
         }
         /* 32 * sum_i scale_i * (16-sum i), taken out of each row's sum */
         __m256i sp[8];
-        for (int i = 0; i < 8; i++) {
-            const __m256i a = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sb + 16 + 8 * (2 * i))));
-            const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sb + 16 + 8 * (2 * i + 1))));
-            sp[i] = _mm256_or_si256(_mm256_and_si256(a, lo16), _mm256_slli_epi32(b, 16));
-        }
+        for (int i = 0; i < 8; i++) sp[i] = scale_pair(sb, 2 * i, 2 * i + 1);
         const __m256 d8 = fp16x8(sb);
         for (int m = 0; m < MT; m++) {
             const int16_t *bp = bsum + (size_t)m * (K / 16) + s * 16;
@@ -841,21 +842,20 @@ static void kquant_x8_rows(int o0, int o1, const int8_t *xq, const float *dk, co
     int mb = (256 << 10) / K / X8_MT * X8_MT;
     if (mb < X8_MT) mb = X8_MT;
     for (int b0 = 0; b0 < M; b0 += mb) {
-    const int b1 = b0 + mb < M ? b0 + mb : M;
-    for (int g = o0 / 8; g < o1 / 8; g++) {
-        const uint8_t *grp = raw + (size_t)g * gb;
-        for (int m0 = b0; m0 < b1; m0 += X8_MT) {
-            const int mt = b1 - m0 < X8_MT ? b1 - m0 : X8_MT;
-            const int8_t *xm = xq + (size_t)m0 * K;
-            const float *dm = dk + (size_t)m0 * ns;
-            const int16_t *bm = bsum + (size_t)m0 * (K / 16);
-            __m256 acc[X8_MT];
+        const int b1 = b0 + mb < M ? b0 + mb : M;
+        for (int g = o0 / 8; g < o1 / 8; g++)
+            for (int m0 = b0; m0 < b1; m0 += X8_MT) {
+                const int mt = b1 - m0 < X8_MT ? b1 - m0 : X8_MT;
+                const uint8_t *grp = raw + (size_t)g * gb;
+                const int8_t *xm = xq + (size_t)m0 * K;
+                const float *dm = dk + (size_t)m0 * ns;
+                const int16_t *bm = bsum + (size_t)m0 * (K / 16);
+                __m256 acc[X8_MT];
 #define X8(n) if (qt == QT_Q4_K) q4k_x8_tile(grp, xm, dm, bm, K, n, acc); else q6k_x8_tile(grp, xm, dm, bm, K, n, acc)
-            switch (mt) { case 1: X8(1); break; case 2: X8(2); break; case 3: X8(3); break; default: X8(4); break; }
+                switch (mt) { case 1: X8(1); break; case 2: X8(2); break; case 3: X8(3); break; default: X8(4); break; }
 #undef X8
-            for (int m = 0; m < mt; m++) _mm256_storeu_ps(y + (size_t)(m0 + m) * ldy + 8 * g, acc[m]);
-        }
-    }
+                for (int m = 0; m < mt; m++) _mm256_storeu_ps(y + (size_t)(m0 + m) * ldy + 8 * g, acc[m]);
+            }
     }
 }
 #endif

@@ -149,21 +149,23 @@ def interleave_x8(w: GGUFBlocks) -> GGUFBlocks:
 
     if not can_interleave(w):
         return w
-    O, K = w.shape
-    out = torch.empty_like(w.raw, memory_format=torch.contiguous_format)
-    load_library().gguf_interleave_x8(w.raw.data_ptr(), w.qtype, O, K, out.data_ptr(), 0, torch.get_num_threads())
+    out = _rearranged(w, to_x8=True)
     drop_pages(w)
-    return GGUFBlocks(out, w.qtype, w.in_features, interleaved=True)
+    return out
 
 
 def file_layout(w: GGUFBlocks) -> GGUFBlocks:
     """w in the file's row layout (a copy when it is interleaved)."""
-    if not w.interleaved:
-        return w
+    return _rearranged(w, to_x8=False) if w.interleaved else w
+
+
+def _rearranged(w: GGUFBlocks, to_x8: bool) -> GGUFBlocks:
+    """A copy of w's bytes in the x8 layout, or back in the file's (the C permutation either way)."""
     O, K = w.shape
     out = torch.empty_like(w.raw, memory_format=torch.contiguous_format)
-    load_library().gguf_interleave_x8(w.raw.data_ptr(), w.qtype, O, K, out.data_ptr(), 1, torch.get_num_threads())
-    return GGUFBlocks(out, w.qtype, w.in_features)
+    load_library().gguf_interleave_x8(w.raw.data_ptr(), w.qtype, O, K, out.data_ptr(), int(not to_x8),
+                                      torch.get_num_threads())
+    return GGUFBlocks(out, w.qtype, w.in_features, interleaved=to_x8)
 
 
 def interleave_state(state: dict, skip: tuple[str, ...] = ("embed_tokens.weight",)) -> dict:
