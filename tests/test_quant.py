@@ -545,3 +545,37 @@ def test_packed_model_equals_the_block_int8_model(tmp_path, monkeypatch, lib):
     p1, c1, a1, p0, c0, a0 = outs
     assert torch.equal(p1, a1) and torch.equal(p0, a0)
     assert float((p1 - c1).abs().max() / c1.abs().max()) < 2e-2 and float((p0 - c0).abs().max() / c0.abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+def test_row_strided_activations_give_the_same_bits(lib, qtype):
+    """An MLP hands down_proj the gate half of gate_up as it is (rows 2I apart, no copy): the GGUF kernels
+    (file layout and x8) and the prefill panels read it at that stride and give the contiguous input's bits."""
+    rng = np.random.default_rng(int(qtype) + 11)
+    O, K = 40, 768
+    w = packed_from_gguf(np.ascontiguousarray(_raw(qtype, O, K, rng)), qtype, (O, K))
+    weights = [w] + ([native.interleave_x8(w)] if qtype in native.K_QUANT_TYPES and native.x8_supported() else [])
+    for v in weights:
+        lin = QuantLinear(v)
+        for M in (1, 3, 70, 300):  # decode, a batch, past the q8 row limit, a prefill chunk
+            both = torch.randn(M, 2 * K)
+            x = both[:, :K]
+            assert x.stride(0) == 2 * K
+            assert torch.equal(lin(x), lin(x.contiguous())), (v.interleaved, M)
+            assert torch.equal(native.matmul_panels(x, v), native.matmul_panels(x.contiguous(), v)), M
+
+
+def test_inference_mlp_in_place_equals_the_autograd_path():
+    """Without grad the MLP computes silu(gate) * up in place in gate_up's memory: the same bits as the
+    path training takes, whose gradients still flow."""
+    from qwen15.model import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(64, 160)
+    mlp.gate_up_proj = torch.nn.Linear(64, 320, bias=False)
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    y = mlp(x)
+    y.sum().backward()
+    assert x.grad is not None and mlp.gate_up_proj.weight.grad is not None
+    with torch.no_grad():
+        assert torch.equal(mlp(x), y)

@@ -910,9 +910,11 @@ void gguf_quantize_rows_k(const float *x, int M, int K, int8_t *xq, float *dk, i
 
 /* y [M, O] = x [M, K] @ W.T for packed W (K % 32 == 0; K % 256 == 0 for the K-quants; the caller checks),
    activations rounded to int8 per 32 as blockint8_matmul_q8 does (per 256 for Q4_K and Q6_K: Q8_K, above). xsum: float sums of x per 32 (Q4_K
-   only, else NULL). Returns 0, or -1 when the activation buffers cannot be allocated. */
+   only, else NULL). x's rows are ldx floats apart (K when contiguous; an MLP passes the gate half of gate_up
+   as it is, saving a copy at the peak of prefill). Returns 0, or -1 when the activation buffers cannot be
+   allocated. */
 int gguf_matmul_q8(const float *x, const float *xsum, int M, int K, const uint8_t *raw, int qtype, int O,
-                   float *y, int nthreads) {
+                   float *y, int nthreads, long ldx) {
     if (is_kquant(qtype)) {  /* Q8_K activations (xsum unused) */
         int8_t *xq = malloc((size_t)M * K);
         float *dk = malloc((size_t)M * (K / 256) * sizeof(float));
@@ -923,7 +925,7 @@ int gguf_matmul_q8(const float *x, const float *xsum, int M, int K, const uint8_
             /* each thread rounds a share of the rows (a 512-token prompt's are ~10% of the matmul alone) */
 #pragma omp for schedule(static)
             for (int m = 0; m < M; m++)
-                quantize_rows_k(x + (size_t)m * K, 1, K, xq + (size_t)m * K, dk + (size_t)m * (K / 256), bs + (size_t)m * (K / 16));
+                quantize_rows_k(x + (size_t)m * ldx, 1, K, xq + (size_t)m * K, dk + (size_t)m * (K / 256), bs + (size_t)m * (K / 16));
             int o0, o1;
             share(O, omp_get_thread_num(), omp_get_num_threads(), 8, &o0, &o1);
             kquant_rows(o0, o1, xq, dk, bs, M, K, raw, qtype, y, O);
@@ -934,7 +936,7 @@ int gguf_matmul_q8(const float *x, const float *xsum, int M, int K, const uint8_
     int8_t *xq = malloc((size_t)M * K);
     float *dx = malloc((size_t)M * (K / 32) * sizeof(float));
     if (!xq || !dx) { free(xq); free(dx); return -1; }
-    quantize_rows(x, M, K, xq, dx);
+    for (int m = 0; m < M; m++) quantize_rows(x + (size_t)m * ldx, 1, K, xq + (size_t)m * K, dx + (size_t)m * (K / 32));
 #pragma omp parallel num_threads(nthreads)
     {
         int o0, o1;
@@ -946,46 +948,58 @@ int gguf_matmul_q8(const float *x, const float *xsum, int M, int K, const uint8_
     return 0;
 }
 
-/* Rows of W as float32 out [O, K]: q * scale + offset, as blocks.dequantize computes the BlockInt8 form
-   (and gguf.quants.dequantize the file's blocks), bit for bit. */
+/* One row of W as float32 (q * scale + offset), as blocks.dequantize computes the BlockInt8 form (and
+   gguf.quants.dequantize the file's blocks), bit for bit. */
+static void dequantize_row(const uint8_t *row, int qtype, int K, float *dst) {
+    const int nb = K / 32;
+    float sc[2 * nb], offs[nb];
+    row_params(row, qtype, nb, sc, offs);
+    for (int b = 0; b < nb; b++) {
+        const float s0 = qtype == QT_Q6_K ? sc[2 * b] : sc[b], s1 = qtype == QT_Q6_K ? sc[2 * b + 1] : s0;
+        const float off = qtype == QT_Q4_K ? offs[b] : 0.f;
+#if Q8_ISA
+        const __m256i w = unpack32_avx2(row, qtype, b, b % 8, 0);
+        const __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int k = 0; k < 4; k++) {  /* 8 weights each: (float)q * scale (+ offset), as the scalar loop */
+            __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k])),
+                                     _mm256_set1_ps(k < 2 ? s0 : s1));
+            if (qtype == QT_Q4_K) v = _mm256_add_ps(v, _mm256_set1_ps(off));
+            _mm256_storeu_ps(dst + b * 32 + k * 8, v);
+        }
+#else
+        int8_t w[32];
+        unpack32(row, qtype, b, w);
+        for (int j = 0; j < 32; j++) {
+            const float v = (float)w[j] * (j < 16 ? s0 : s1);
+            dst[b * 32 + j] = qtype == QT_Q4_K ? v + off : v;
+        }
+#endif
+    }
+}
+
+/* Rows of W as float32 out [O, K]. An x8 matrix goes back to the file's layout a group of 8 rows at a
+   time, into each thread's small buffer (prefill dequantizes panels of ~1,000 rows: a panel-sized copy
+   was 3.4 MB more at the 0.5B's peak). */
 void gguf_dequantize(const uint8_t *raw, int qtype, int O, int K, float *out, int nthreads) {
-    if (qtype & QT_X8) {  /* back to the file's layout first (dequantization is not a hot path) */
-        uint8_t *file = malloc((size_t)O * gguf_row_bytes(qtype, K));
-        if (!file) return;
-        gguf_interleave_x8(raw, qtype, O, K, file, 1, nthreads);
-        gguf_dequantize(file, qtype & 0xFF, O, K, out, nthreads);
-        free(file);
+    const long rb = gguf_row_bytes(qtype, K);
+    if (qtype & QT_X8) {
+#pragma omp parallel num_threads(nthreads)
+        {
+            uint8_t *file = malloc(8 * rb);
+#pragma omp for schedule(static)
+            for (int g = 0; g < O / 8; g++) {
+                if (!file) {  /* out of memory for 8 rows: NaN, never stale values */
+                    for (size_t i = 0; i < (size_t)8 * K; i++) out[(size_t)g * 8 * K + i] = NAN;
+                    continue;
+                }
+                x8_group(file, (uint8_t *)raw + (size_t)g * 8 * rb, qtype & 0xFF, K, 1);
+                for (int r = 0; r < 8; r++) dequantize_row(file + r * rb, qtype & 0xFF, K, out + ((size_t)g * 8 + r) * K);
+            }
+            free(file);
+        }
         return;
     }
-    const long rb = gguf_row_bytes(qtype, K);
-    const int nb = K / 32;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int o = 0; o < O; o++) {
-        const uint8_t *row = raw + (size_t)o * rb;
-        float *dst = out + (size_t)o * K;
-        float sc[2 * nb], offs[nb];
-        row_params(row, qtype, nb, sc, offs);
-        for (int b = 0; b < nb; b++) {
-            const float s0 = qtype == QT_Q6_K ? sc[2 * b] : sc[b], s1 = qtype == QT_Q6_K ? sc[2 * b + 1] : s0;
-            const float off = qtype == QT_Q4_K ? offs[b] : 0.f;
-#if Q8_ISA
-            const __m256i w = unpack32_avx2(row, qtype, b, b % 8, 0);
-            const __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
-            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-            for (int k = 0; k < 4; k++) {  /* 8 weights each: (float)q * scale (+ offset), as the scalar loop */
-                __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k])),
-                                         _mm256_set1_ps(k < 2 ? s0 : s1));
-                if (qtype == QT_Q4_K) v = _mm256_add_ps(v, _mm256_set1_ps(off));
-                _mm256_storeu_ps(dst + b * 32 + k * 8, v);
-            }
-#else
-            int8_t w[32];
-            unpack32(row, qtype, b, w);
-            for (int j = 0; j < 32; j++) {
-                const float v = (float)w[j] * (j < 16 ? s0 : s1);
-                dst[b * 32 + j] = qtype == QT_Q4_K ? v + off : v;
-            }
-#endif
-        }
-    }
+    for (int o = 0; o < O; o++) dequantize_row(raw + (size_t)o * rb, qtype, K, out + (size_t)o * K);
 }

@@ -55,7 +55,7 @@ class _BlockWeight(nn.Module):
         if call is None or (call and (call.q is not data or call.activations != self.activations)):
             call = self._call = kernel_call(self.weight_data, self.activations) or False
         if call and x2.shape[0] <= call.max_rows and x2.dtype == torch.float32 and x2.device.type == "cpu":
-            y = call(x2.contiguous())
+            y = call(x2)  # it copies x2 only where its kernel needs contiguous rows
         else:
             y = matmul(x2, self.weight_data, activations=self.activations)
         return y.view(*x.shape[:-1], y.shape[-1])
