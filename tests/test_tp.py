@@ -129,8 +129,12 @@ def test_a_dead_rank_ends_all_ranks_with_one_message(tiny_chat_gguf, how):
     import signal
     import time
 
+    # Ctrl-C as at a terminal: SIGINT at its default in rank 0. A suite started in the background by a
+    # non-interactive shell (`make test &`) inherits SIGINT ignored, and so would rank 0 (which then, rightly,
+    # keeps running: this test hung there twice before the reset).
     p = run_cli("generate", "--model", str(tiny_chat_gguf), "--quant", "none", "--prompt", "hello",
-                "--max-tokens", "2000", "--tp", "2", env={"QWEN15_TP_TIMEOUT": "3"}, start_new_session=True)
+                "--max-tokens", "2000", "--tp", "2", env={"QWEN15_TP_TIMEOUT": "3"}, start_new_session=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert p.stdout.read(8), p.stderr.read()  # generating (2047 tokens to go)
         followers = _children(p.pid)
