@@ -99,6 +99,17 @@ def test_gsm8k_extraction():
     assert scoring.gsm8k_extract("no digits here") == {"strict": None, "flexible": None}
 
 
+def test_gsm8k_extraction_of_runaway_numbers():
+    """A model that loops on a digit (seen on the real 0.5B with an adapter) writes numbers past a float's range:
+    they are compared as written, exactly, and never crash the run."""
+    huge = "1" * 400
+    assert scoring.gsm8k_extract(f"So the total is {huge}")["flexible"] == huge
+    assert scoring.gsm8k_extract(f"The answer is {huge}.")["strict"] == huge
+    assert scoring.gsm8k_extract("The answer is 12345678901234567891")["strict"] == "12345678901234567891"  # no float rounding
+    assert scoring.gsm8k_extract(f"{'9' * 400}.5 left")["flexible"] == "9" * 400 + ".5"
+    assert scoring.gsm8k_extract("The answer is 007")["strict"] == "7"
+
+
 @pytest.mark.parametrize("pred,gold", [("\\frac{1}{2}", "0.5"), ("\\dfrac12", "\\frac{1}{2}"), ("x = 3", "3"),
                                        ("10\\%", "10"), ("\\text{(C)}", "(C)"), ("2\\sqrt{2}", "\\sqrt{8}"),
                                        ("1,000", "1000"), ("3 \\text{ units}", "3")])

@@ -37,9 +37,13 @@ _STRICT = re.compile(r"The answer is \$?(\-?[0-9\.\,]+)", re.IGNORECASE)
 
 def _clean_number(text: str) -> str:
     text = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    if re.fullmatch(r"-?[0-9]+", text):
+        return str(int(text))  # exact at any length: a model's runaway "1111...1" overflowed the float below
     try:
         value = float(text)
     except ValueError:
+        return text
+    if not math.isfinite(value):
         return text
     return str(int(value)) if value == int(value) else str(value)
 
