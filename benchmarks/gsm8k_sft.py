@@ -101,18 +101,16 @@ def report() -> None:
     scores = {}
     for summary in sorted((WORK / "eval").glob("result-*.json")):
         r = json.loads(summary.read_text())
-        runs = [json.loads((WORK / "eval" / f"{r['task']}-{k}.json").read_text()) for k in r["runs"]]
-        scores[r["model"]] = (r, sum(x.get("elapsed_s", 0) for x in runs))
+        scores[r["model"]] = r
     if scores:
         lines += ["", "`qwen15 eval run --task gsm8k --limit 200 --seed 1234` (8-shot chain of thought, greedy), "
                   "with `--lora` and without:", "",
-                  "| model | problems | flexible | strict | eval wall s |", "|---|---|---|---|---|"]
-        for name, (r, wall) in scores.items():
+                  "| model | problems | flexible | strict |", "|---|---|---|---|"]
+        for name, r in scores.items():
             m = r["metrics"]
-            lines.append(f"| {name} | {r['n']} | {100 * m['flexible']['mean']:.1f} | {100 * m['strict']['mean']:.1f} "
-                         f"| {wall:,.0f} |")
+            lines.append(f"| {name} | {r['n']} | {100 * m['flexible']['mean']:.1f} | {100 * m['strict']['mean']:.1f} |")
         if {"base", "lora"} <= scores.keys():
-            gain = 100 * (scores["lora"][0]["metrics"]["flexible"]["mean"] - scores["base"][0]["metrics"]["flexible"]["mean"])
+            gain = 100 * (scores["lora"]["metrics"]["flexible"]["mean"] - scores["base"]["metrics"]["flexible"]["mean"])
             lines += ["", f"Adapter gain, flexible: {gain:+.1f} points (target >= +5)."]
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
