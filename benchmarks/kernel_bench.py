@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="activation rows (1 = decode)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--layouts", nargs="+", default=["gguf", "gguf-int8"], choices=["gguf", "gguf-x8", "gguf-int8"],
-                    help="gguf: the file's rows; gguf-x8: Q4_K/Q6_K interleaved by 8 rows (what a model load uses)")
+                    help="gguf: the file's rows; gguf-x8: interleaved by 8 rows (what a model load uses)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--cpu-time", action="store_true",
                     help="time each call by this thread's CPU time, not the wall clock: with --threads 1 the kernel "
@@ -79,7 +79,7 @@ def main() -> None:
                 from qwen15.quant.native import can_interleave, interleave_x8
 
                 if not can_interleave(packed):
-                    continue  # not a K-quant (or no x8 kernels): the gguf row is the same thing
+                    continue  # a type without x8 kernels (or no x8 build): the gguf row is the same thing
                 w = interleave_x8(packed)
             else:
                 w = packed if layout == "gguf" else to_blockint8(packed)

@@ -94,7 +94,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--quant", default="gguf-int8", help="the server's --quant (and the engine's)")
+    ap.add_argument("--quant", default="gguf", help="the server's --quant (and the engine's)")
     ap.add_argument("--modes", default="tokenized,text", help="lm-eval tokenized_requests: tokenized and/or text")
     ap.add_argument("--concurrent", type=int, default=8, help="lm-eval num_concurrent")
     ap.add_argument("--threads", type=int, default=2)

@@ -32,7 +32,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--src", default=str(ROOT / "src"), help="the qwen15 source tree to serve from")
-    ap.add_argument("--quant", default="gguf-int8")
+    ap.add_argument("--quant", default="gguf")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--long-words", type=int, default=400)

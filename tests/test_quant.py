@@ -493,6 +493,75 @@ def test_packed_kernels_equal_the_block_int8_kernels_bit_for_bit(lib, qtype):
         assert torch.equal(native.matmul(x, packed), native.matmul(x, converted)), M
 
 
+B32_X8 = (Q.Q8_0, Q.Q5_0, Q.Q4_0)
+
+
+def _b32_reference(x: torch.Tensor, w) -> torch.Tensor:
+    """What the int8 kernels of the 32-weight types compute, in float64: activations rounded per 32 as the
+    kernels round them, times the weights as the `gguf` package dequantizes them."""
+    M, K = x.shape
+    xq, dx = native.quantize_activations(x)
+    xr = (xq.view(M, K // 32, 32).double() * dx.double()[..., None]).view(M, K)
+    return xr @ native.dequantize_any(native.file_layout(w)).double().T
+
+
+@pytest.mark.parametrize("qtype", B32_X8, ids=lambda t: t.name)
+@pytest.mark.parametrize("O,K", [(40, 896), (8, 32), (24, 4864)])
+def test_b32_x8_layout_is_lossless_and_batch_invariant(lib, qtype, O, K):
+    """Q8_0 / Q5_0 / Q4_0 interleaved by 8 rows: the same bytes (back to the file's exactly, dequantized as gguf
+    does), products within float32 rounding of the float64 reference at 1, 3 and 64+ rows, and a row's result
+    the same bits alone, in a batch of any size, on 1 or 2 threads (each block's products are one exact int32,
+    then one fma a block, in block order)."""
+    if not native.x8_supported():
+        pytest.skip("the x8 kernels are built only with AVX2")
+    rng = np.random.default_rng(int(qtype) * 13 + K)
+    raw = np.ascontiguousarray(_raw(qtype, O, K, rng))
+    w = packed_from_gguf(raw, qtype, (O, K))
+    v = native.interleave_x8(w)
+    assert v.interleaved and v.raw.shape == w.raw.shape and torch.equal(native.file_layout(v).raw, w.raw)
+    assert O == 8 and K == 32 or not torch.equal(v.raw, w.raw)
+    np.testing.assert_array_equal(native.dequantize_any(v).numpy().view(np.int32),
+                                  gguf_dequantize(raw, qtype).reshape(O, K).view(np.int32))
+    g = torch.Generator().manual_seed(O + K)
+    x = torch.randn(70, K, generator=g) * torch.rand(70, 1, generator=g) * 4
+    x[4] = 0  # a zero row among them
+    try:
+        torch.set_num_threads(2)
+        batch = native.matmul(x, v, native_max_rows=70)
+        ref = _b32_reference(x, v)
+        err = (batch.double() - ref).abs() / ref.abs().max(dim=1, keepdim=True).values.clamp_min(1e-30)
+        assert float(err.max()) < 1e-5 and torch.all(batch[4] == 0)
+        assert torch.equal(torch.cat([native.matmul(x[i:i + 1], v) for i in range(70)]), batch)
+        for n in (3, 5, 9, 16):
+            assert torch.equal(native.matmul(x[10:10 + n], v, native_max_rows=n), batch[10:10 + n]), n
+        torch.set_num_threads(1)
+        assert torch.equal(native.matmul(x, v, native_max_rows=70), batch)
+        y = torch.randn(100, K, generator=g)  # past the kernel's row limit: dequantize + BLAS, by whole groups
+        assert torch.equal(native.matmul_panels(y, v), native.matmul_panels(y, w))
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_b32_x8_saturation_bounds(lib):
+    """At the ends of every range (Q5_0's u = 31 and 0, Q4_0's nibbles 15, Q8_0's -128 and 127; activations
+    +-127) the int16 sums of the x8 kernels do not overflow: they equal the float64 reference."""
+    if not native.x8_supported():
+        pytest.skip("the x8 kernels are built only with AVX2")
+    K = 256
+    for qtype in B32_X8:
+        raw = _raw(qtype, 8, K, np.random.default_rng(2)).copy()
+        blocks = raw.reshape(-1, {Q.Q8_0: 34, Q.Q5_0: 22, Q.Q4_0: 18}[qtype])
+        for fill in (0xFF, 0x00, 0x80):
+            blocks[:, 2:] = fill
+            w = packed_from_gguf(np.ascontiguousarray(raw), qtype, (8, K))
+            v = native.interleave_x8(w)
+            for sign in (1.0, -1.0):
+                x = torch.full((3, K), sign)
+                ref = _b32_reference(x, w)
+                y = native.matmul(x, v)
+                assert float(((y.double() - ref).abs() / ref.abs().max().clamp_min(1e-30)).max()) < 1e-5, (qtype, fill)
+
+
 def test_packed_types_and_shapes():
     rng = np.random.default_rng(3)
     assert packed_from_gguf(_raw(Q.Q5_1, 4, 64, rng), Q.Q5_1, (4, 64)) is None  # converts to BlockInt8 instead

@@ -103,7 +103,7 @@ def test_echo_logprobs_match_a_full_forward(client, real_gguf_path):
 
     from qwen15 import LLM
 
-    llm = LLM.load(real_gguf_path, quant="gguf-int8")  # the server's default layout (K-quant rows round per 32 there)
+    llm = LLM.load(real_gguf_path)  # the server's default layout (the file's blocks)
     prompt = "Question: What is the capital of France?\nA. Berlin\nB. Paris\nC. Rome\nAnswer: B"
     r = client.completions.create(model="qwen", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
     from qwen15.engine.kv_cache import KVCache

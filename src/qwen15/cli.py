@@ -301,7 +301,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true", help="do not compile the decode step (on by default on CUDA)")
     p.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf",
                    help="gguf: keep a .gguf file's quantized weights compact on CPU, int8 activations in decode "
-                        "(default: as the file stores them); gguf-int8: all as block int8 (more memory, same results); "
+                        "(default: as the file stores them); gguf-int8: all as block int8 (more memory; the same "
+                        "int8 products, summed in another order); "
                         "gguf-f32: block int8, float activations (exact); int8: quantize dense weights "
                         "(HF checkpoints) group-wise on load; none: dequantize to fp32")
     p.add_argument("--max-tokens", type=int, default=None, help="most new tokens (default: 256)")
@@ -353,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default=None, help="draft model: measure speculative decoding")
     p.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf",
                    help="gguf: keep a .gguf file's quantized weights compact on CPU, int8 activations in decode "
-                        "(default: as the file stores them); gguf-int8: all as block int8 (more memory, same results); "
+                        "(default: as the file stores them); gguf-int8: all as block int8 (more memory; the same "
+                        "int8 products, summed in another order); "
                         "gguf-f32: block int8, float activations (exact); int8: quantize dense weights "
                         "(HF checkpoints) group-wise on load; none: dequantize to fp32")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step (default: 4)")
@@ -395,11 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--context", type=int, default=None, help="context window in tokens (default: the model's)")
-    # Serving batches rows: there block int8 multiplies ~20% faster than unpacking the file's blocks again
-    # for every batch (benchmarks/results/serve_load.md), for ~20% more memory. The results are the same bits.
-    p.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf-int8",
-                   help="weights on CPU (default gguf-int8: faster batches than gguf, more memory, same "
-                        "results): see `qwen15 generate --help`")
+    # Serving batches rows: the file's blocks interleaved by 8 rows (x8) multiply a 16-row step ~1.4x faster
+    # than block int8 and take ~30% less memory (benchmarks/results/serve_ceiling.md).
+    p.add_argument("--quant", choices=("gguf", "gguf-int8", "gguf-f32", "int8", "none"), default="gguf",
+                   help="weights on CPU (default gguf: the file's blocks, the fastest at one row and at batches): "
+                        "see `qwen15 generate --help`")
     p.add_argument("--lora", action="append", default=None, metavar="NAME=DIR",
                    help="also serve a PEFT LoRA adapter as model NAME (repeatable); requests pick it by 'model'")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),

@@ -67,8 +67,9 @@ class _Run:
 # gguf: a GGUF's Q8_0, Q5_0, Q4_0, Q4_K and Q6_K matrices stay as the file stores them (gguf_kernels.c
 #   unpacks each block in registers; other types become block int8), and decode rounds activations to
 #   int8 per block of 32 (llama.cpp's way; perplexity within 0.5% of the exact path, tested);
-# gguf-int8: every quantized matrix converted to block int8 (quant/blocks.py): the same results bit for
-#   bit in ~20% more memory;
+# gguf-int8: every quantized matrix converted to block int8 (quant/blocks.py): the same int8 products in
+#   ~20% more memory (on AVX2 the file's blocks, interleaved by 8 rows, sum each block's products exactly
+#   before one float step, and Q4_K/Q6_K round activations per 256: results differ in the last bits);
 # gguf-f32: block int8 with float activations (exact up to summation order);
 # int8: dense checkpoints (HF safetensors, or a GGUF dequantized) quantized on load, group-wise int8;
 # none: every weight dequantized to the model dtype.

@@ -324,8 +324,19 @@ static inline __attribute__((always_inline)) void packed_row_t(
     }
 }
 
+#if Q8_ISA
+static void b32_x8_rows(int o0, int o1, const int8_t *xq, const float *dx, int M, int K, const uint8_t *raw,
+                        int qt, float *y, long ldy);
+#endif
+
 static void packed_rows(int o0, int o1, const int8_t *xq, const float *dx, const float *xsum, int M, int K,
                         const uint8_t *raw, int qtype, float *y, long ldy) {
+#if Q8_ISA
+    if (qtype & QT_X8) {  /* Q8_0 / Q5_0 / Q4_0 in the x8 layout */
+        b32_x8_rows(o0, o1, xq, dx, M, K, raw, qtype & 0xFF, y, ldy);
+        return;
+    }
+#endif
 #define ROWS(T) for (int o = o0; o < o1; o++) packed_row_t(o, xq, dx, xsum, M, K, raw, T, y, ldy)
     switch (qtype) {
         case QT_Q8_0: ROWS(QT_Q8_0); break;
@@ -680,17 +691,61 @@ static void x8_group(uint8_t *file, uint8_t *x8, int qt, int K, int inverse) {
 #undef MV
 }
 
+/* The 32-weight types (Q8_0, Q5_0, Q4_0) in x8: a block of 8 rows takes exactly their 8 file blocks' bytes.
+     [0, 16) d of rows 0..7 (fp16)
+     Q8_0 (272 bytes): row r's qs[4c .. 4c + 3] at 16 + 32c + 4r (c < 8)
+     Q4_0 (144): row r's qs[4c .. 4c + 3] at 16 + 32c + 4r (c < 4: low nibbles elements 4c.., high 16 + 4c..)
+     Q5_0 (176): the fifth bits at [16, 48): byte 4r + k holds in bit c (c < 4) that of row r's element 4c + k
+       and in bit 4 + c that of element 16 + 4c + k, so that a chunk's bits reach bit 4 of their bytes with one
+       shift; qs as Q4_0's at 48 + 32c + 4r. */
+static void x8_group_b32(uint8_t *file, uint8_t *x8, int qt, int K, int inverse) {
+    const long rb = gguf_row_bytes(qt, K);
+    const int fb = qt == QT_Q8_0 ? 34 : qt == QT_Q5_0 ? 22 : 18, xb = 8 * fb;
+    const int fq = qt == QT_Q5_0 ? 6 : 2, xq = qt == QT_Q5_0 ? 48 : 16, chunks = qt == QT_Q8_0 ? 8 : 4;
+#define MV(xo, fo, n) (inverse ? memcpy(f + (fo), g + (xo), (n)) : memcpy(g + (xo), f + (fo), (n)))
+    for (int b = 0; b < K / 32; b++) {
+        uint8_t *g = x8 + (size_t)b * xb;
+        for (int r = 0; r < 8; r++) {
+            uint8_t *f = file + r * rb + (size_t)b * fb;
+            MV(2 * r, 0, 2);
+            for (int c = 0; c < chunks; c++) MV(xq + 32 * c + 4 * r, fq + 4 * c, 4);
+            if (qt != QT_Q5_0) continue;
+            uint32_t qh = 0;
+            if (!inverse) memcpy(&qh, f + 2, 4);
+            for (int k = 0; k < 4; k++) {
+                uint8_t *v = g + 16 + 4 * r + k;
+                if (!inverse) *v = 0;
+                for (int c = 0; c < 4; c++)
+                    for (int h = 0; h < 2; h++) {  /* h = 1: the high half's element 16 + 4c + k */
+                        const int bit = 16 * h + 4 * c + k, at = 4 * h + c;
+                        if (inverse) qh |= (uint32_t)((*v >> at) & 1) << bit;
+                        else *v |= (uint8_t)(((qh >> bit) & 1) << at);
+                    }
+            }
+            if (inverse) memcpy(f + 2, &qh, 4);
+        }
+    }
+#undef MV
+}
+
 /* 1 where the x8 kernels exist (AVX2): elsewhere weights stay in the file's layout. */
 int gguf_x8_supported(void) { return Q8_ISA; }
 
-/* O rows of a Q4_K / Q6_K matrix (O % 8 == 0, K % 256 == 0) into the x8 layout, or back (inverse). */
+/* One group of 8 rows of any x8 type. */
+static void x8_group_any(uint8_t *file, uint8_t *x8, int qt, int K, int inverse) {
+    if (qt == QT_Q4_K || qt == QT_Q6_K) x8_group(file, x8, qt, K, inverse);
+    else x8_group_b32(file, x8, qt, K, inverse);
+}
+
+/* O rows of a matrix (O % 8 == 0; K % 256 == 0 for Q4_K / Q6_K, K % 32 for Q8_0 / Q5_0 / Q4_0) into the x8
+   layout, or back (inverse). */
 void gguf_interleave_x8(const uint8_t *src, int qtype, int O, int K, uint8_t *dst, int inverse, int nthreads) {
     const long gb = 8 * gguf_row_bytes(qtype, K);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int g = 0; g < O / 8; g++) {
         uint8_t *a = (uint8_t *)src + (size_t)g * gb, *b = dst + (size_t)g * gb;
-        if (inverse) x8_group(b, a, qtype & 0xFF, K, 1);
-        else x8_group(a, b, qtype & 0xFF, K, 0);
+        if (inverse) x8_group_any(b, a, qtype & 0xFF, K, 1);
+        else x8_group_any(a, b, qtype & 0xFF, K, 0);
     }
 }
 
@@ -860,6 +915,118 @@ static void kquant_x8_rows(int o0, int o1, const int8_t *xq, const float *dk, co
 }
 #endif
 
+#if Q8_ISA
+static inline __attribute__((always_inline)) __m256 fp16x8_f16c(const uint8_t *p) {
+#if defined(__F16C__)
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    return fp16x8(p);
+#endif
+}
+
+/* 8 Q5_0 / Q4_0 rows (one x8 group) times MT activation rows rounded per 32 (xq, dx; xs: each block's sum of
+   xq). The stored values u = w + off (off 16 / 8) go into maddubs unsigned and off * sum(x) comes out once
+   a block; 4 chunks' int16 sums fit (4 x 2 x 31 x 127 = 31496), so a block of a row pair is 8 maddubs, 2 madds
+   and an exact int32, then one fma: acc = fma(d * dx, isum, acc) block by block, whatever the tiling. */
+static inline __attribute__((always_inline)) void b32_x8_tile(
+        const uint8_t *grp, const int qt, const int8_t *xq, const float *dx, const int32_t *xs, int K, int MT,
+        __m256 *acc) {
+    const int nb = K / 32, fb = qt == QT_Q5_0 ? 176 : 144, q0 = qt == QT_Q5_0 ? 48 : 16, off = qt == QT_Q5_0 ? 16 : 8;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10), ones = _mm256_set1_epi16(1);
+    for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = grp + (size_t)b * fb;
+        const __m256i H = qt == QT_Q5_0 ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
+        __m256i lo[X8_MT], hi[X8_MT];
+        for (int m = 0; m < MT; m++) lo[m] = hi[m] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + q0 + 32 * c));
+            __m256i wl = _mm256_and_si256(q, low4), wh = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+            if (qt == QT_Q5_0) {  /* bit c of H's bytes is the low element's fifth bit, bit 4 + c the high one's */
+                wl = _mm256_or_si256(wl, _mm256_and_si256(_mm256_slli_epi16(H, 4 - c), bit4));
+                wh = _mm256_or_si256(wh, _mm256_and_si256(_mm256_srli_epi16(H, c), bit4));
+            }
+            for (int m = 0; m < MT; m++) {
+                const int8_t *xp = xq + (size_t)m * K + 32 * b + 4 * c;
+                lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(wl, bcast4(xp)));
+                hi[m] = _mm256_add_epi16(hi[m], _mm256_maddubs_epi16(wh, bcast4(xp + 16)));
+            }
+        }
+        const __m256 d8 = fp16x8_f16c(blk);
+        for (int m = 0; m < MT; m++) {
+            __m256i is = _mm256_add_epi32(_mm256_madd_epi16(lo[m], ones), _mm256_madd_epi16(hi[m], ones));
+            is = _mm256_sub_epi32(is, _mm256_set1_epi32(off * xs[(size_t)m * nb + b]));
+            acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(d8, _mm256_set1_ps(dx[(size_t)m * nb + b])),
+                                     _mm256_cvtepi32_ps(is), acc[m]);
+        }
+    }
+}
+
+/* 8 Q8_0 rows times MT activation rows: |w| times x carrying w's sign (a pair reaches 2 x 128 x 127, so
+   every chunk needs its own madd), the block's exact int32, then the same fma as b32_x8_tile. */
+static inline __attribute__((always_inline)) void q80_x8_tile(
+        const uint8_t *grp, const int8_t *xq, const float *dx, int K, int MT, __m256 *acc) {
+    const int nb = K / 32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = grp + (size_t)b * 272;
+        __m256i is[X8_MT];
+        for (int m = 0; m < MT; m++) is[m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * c)), a = _mm256_sign_epi8(w, w);
+            for (int m = 0; m < MT; m++) {
+                const __m256i x = _mm256_sign_epi8(bcast4(xq + (size_t)m * K + 32 * b + 4 * c), w);
+                is[m] = _mm256_add_epi32(is[m], _mm256_madd_epi16(_mm256_maddubs_epi16(a, x), ones));
+            }
+        }
+        const __m256 d8 = fp16x8_f16c(blk);
+        for (int m = 0; m < MT; m++)
+            acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(d8, _mm256_set1_ps(dx[(size_t)m * nb + b])),
+                                     _mm256_cvtepi32_ps(is[m]), acc[m]);
+    }
+}
+
+/* Output rows o0..o1 (multiples of 8) of an x8 Q8_0 / Q5_0 / Q4_0 matrix for all M activation rows,
+   in blocks of activation rows that stay in L2 (as kquant_x8_rows). */
+static void b32_x8_rows(int o0, int o1, const int8_t *xq, const float *dx, int M, int K, const uint8_t *raw,
+                        int qt, float *y, long ldy) {
+    const long gb = 8 * gguf_row_bytes(qt, K);
+    const int nb = K / 32;
+    int mb = (256 << 10) / K / X8_MT * X8_MT;
+    if (mb < X8_MT) mb = X8_MT;
+    int32_t xs[qt == QT_Q8_0 ? 1 : (size_t)mb * nb];  /* each block's sum of xq (<= 32 KB + a little) */
+    for (int b0 = 0; b0 < M; b0 += mb) {
+        const int b1 = b0 + mb < M ? b0 + mb : M;
+        if (qt != QT_Q8_0)
+            for (int m = b0; m < b1; m++)
+                for (int b = 0; b < nb; b++) {
+                    const int8_t *xp = xq + (size_t)m * K + 32 * b;
+                    int t = 0;
+                    for (int j = 0; j < 32; j++) t += xp[j];
+                    xs[(size_t)(m - b0) * nb + b] = t;
+                }
+        for (int g = o0 / 8; g < o1 / 8; g++)
+            for (int m0 = b0; m0 < b1; m0 += X8_MT) {
+                const int mt = b1 - m0 < X8_MT ? b1 - m0 : X8_MT;
+                const uint8_t *grp = raw + (size_t)g * gb;
+                const int8_t *xm = xq + (size_t)m0 * K;
+                const float *dm = dx + (size_t)m0 * nb;
+                const int32_t *sm = xs + (qt == QT_Q8_0 ? 0 : (size_t)(m0 - b0) * nb);
+                __m256 acc[X8_MT];
+#define B32(n) if (qt == QT_Q5_0) b32_x8_tile(grp, QT_Q5_0, xm, dm, sm, K, n, acc); \
+               else if (qt == QT_Q4_0) b32_x8_tile(grp, QT_Q4_0, xm, dm, sm, K, n, acc); \
+               else q80_x8_tile(grp, xm, dm, K, n, acc)
+                switch (mt) { case 1: B32(1); break; case 2: B32(2); break; case 3: B32(3); break; default: B32(4); break; }
+#undef B32
+                for (int m = 0; m < mt; m++) _mm256_storeu_ps(y + (size_t)(m0 + m) * ldy + 8 * g, acc[m]);
+            }
+    }
+}
+#endif
+
 /* Output column o of a K-quant matrix for all M activation rows (qtype a constant in each caller). */
 static inline __attribute__((always_inline)) void kquant_row_t(
         int o, const int8_t *xq, const float *dk, const int16_t *bsum, int M, int K, const uint8_t *raw,
@@ -993,7 +1160,7 @@ void gguf_dequantize(const uint8_t *raw, int qtype, int O, int K, float *out, in
                     for (size_t i = 0; i < (size_t)8 * K; i++) out[(size_t)g * 8 * K + i] = NAN;
                     continue;
                 }
-                x8_group(file, (uint8_t *)raw + (size_t)g * 8 * rb, qtype & 0xFF, K, 1);
+                x8_group_any(file, (uint8_t *)raw + (size_t)g * 8 * rb, qtype & 0xFF, K, 1);
                 for (int r = 0; r < 8; r++) dequantize_row(file + r * rb, qtype & 0xFF, K, out + ((size_t)g * 8 + r) * K);
             }
             free(file);

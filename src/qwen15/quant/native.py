@@ -130,20 +130,22 @@ def block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def x8_supported() -> bool:
-    """Whether this machine's kernels take the interleaved x8 layout of Q4_K / Q6_K (the AVX2 build)."""
+    """Whether this machine's kernels take the interleaved x8 layout (the AVX2 build)."""
     lib = load_library()
     return lib is not None and bool(lib.gguf_x8_supported())
 
 
 def can_interleave(w: GGUFBlocks) -> bool:
     O, K = w.shape
-    return (not w.interleaved and w.qtype in K_QUANT_TYPES and O % 8 == 0 and K % 256 == 0
+    block = 256 if w.qtype in K_QUANT_TYPES else 32
+    return (not w.interleaved and w.qtype in X8_TYPES and O % 8 == 0 and K % block == 0
             and w.raw.is_contiguous() and x8_supported())
 
 
 def interleave_x8(w: GGUFBlocks) -> GGUFBlocks:
     """w's bytes rearranged into the x8 layout (groups of 8 rows side by side, as llama.cpp repacks Q4_K into
-    block_q4_Kx8): the same size and the same values, read by kernels that reduce 8 rows in vector lanes.
+    block_q4_Kx8 and Q4_0 into block_q4_0x8): the same size and the same values, read by kernels that reduce
+    8 rows in vector lanes.
     A new buffer: a file-mapped source's pages are dropped from this process afterwards."""
     from .blocks import drop_pages
 
@@ -268,6 +270,9 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 K_QUANT_TYPES = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K)  # the file's blocks these get Q8_K activations
+# Types the x8 kernels take (gguf_kernels.c): the K-quants, and the 32-weight types, whose x8 kernels sum each
+# block's products exactly in int32 before one fma (the file-layout kernels keep float partial sums per lane).
+X8_TYPES = K_QUANT_TYPES + (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q4_0)
 
 
 def quantize_activations_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,7 +332,9 @@ ACTIVATIONS = ("q8", "f32")
 NATIVE_MAX_ROWS = {"q8": 64, "f32": 32}
 # Q4_K / Q6_K blocks take the int8 kernel at any row count: with Q8_K activations it multiplied a prompt
 # of 128-512 rows as fast as dequantize + BLAS or faster (gate 8960x1536, 128 rows: 43 vs 60 ms of CPU time
-# on one thread here), and a row's result then does not depend on how many rows came with it.
+# on one thread here), and a row's result then does not depend on how many rows came with it. So do the
+# x8 (interleaved) Q8_0 / Q5_0 / Q4_0 matrices: the 0.5B prefilled 512 tokens at 208 tok/s through them
+# against 140 through dequantize + BLAS (benchmarks/results/compare_0.5b_llamacpp.md).
 KQUANT_MAX_ROWS = 1 << 30
 
 
@@ -339,7 +346,7 @@ class KernelCall:
         self.activations = activations  # the module rebuilds this when it changes
         self.O, self.K = w.shape
         if isinstance(w, GGUFBlocks):  # int8 activations only: "f32" (exact) goes through dequantize + BLAS
-            rows = KQUANT_MAX_ROWS if w.qtype in K_QUANT_TYPES else NATIVE_MAX_ROWS["q8"]
+            rows = KQUANT_MAX_ROWS if w.qtype in K_QUANT_TYPES or w.interleaved else NATIVE_MAX_ROWS["q8"]
             self.q, self.block, self.max_rows = w.raw, 32, rows if activations == "q8" else 0
             self.fn, self.sums = lib.gguf_matmul_q8, False  # Q4_K's mins use the int8 sums (Q8_K, in C)
             self.row_stride = True  # takes x's rows at any stride
@@ -393,7 +400,8 @@ def matmul(x: torch.Tensor, w: BlockInt8 | GGUFBlocks, native_max_rows: int | No
     if native_max_rows is not None:
         limit = native_max_rows
     elif packed:
-        limit = 0 if activations == "f32" else KQUANT_MAX_ROWS if w.qtype in K_QUANT_TYPES else NATIVE_MAX_ROWS["q8"]
+        limit = 0 if activations == "f32" else KQUANT_MAX_ROWS if w.qtype in K_QUANT_TYPES or w.interleaved \
+            else NATIVE_MAX_ROWS["q8"]
     else:
         limit = NATIVE_MAX_ROWS[activations]
     lib = load_library() if x.device.type == "cpu" and x.dtype == torch.float32 else None

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: `qwen15 cache`
 
     from .blocks import BlockInt8, GGUFBlocks
 
-LAYOUT_VERSION = 4  # bump when BlockInt8, GGUFBlocks, the conversion or the fusing changes
+LAYOUT_VERSION = 5  # bump when BlockInt8, GGUFBlocks, the conversion, the fusing or the x8 types change
 
 
 def enabled() -> bool:
