@@ -235,16 +235,18 @@ def test_tiny_gguf_compact_model_matches_dequantized(tmp_path, qtype, tied):
         assert float(torch.nn.functional.cosine_similarity(a.flatten(), b8.flatten(), dim=0)) > 0.995
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K], ids=lambda t: t.name)
-def test_native_layers_match_the_pytorch_layers(tmp_path, monkeypatch, lib, qtype):
+@pytest.mark.parametrize("qtype,heads,kv_heads", [(Q.Q8_0, 4, 2), (Q.Q4_K, 4, 2), (Q.Q8_0, 2, 1)],
+                         ids=["Q8_0-d64", "Q4_K-d64", "Q8_0-d128"])
+def test_native_layers_match_the_pytorch_layers(tmp_path, monkeypatch, lib, qtype, heads, kv_heads):
     """All layers in one C call (decode, short forwards) compute what the PyTorch layers do, and rows of
-    one forward equal one-token steps bit for bit (speculative verification relies on it)."""
+    one forward equal one-token steps bit for bit (speculative verification relies on it). Head sizes 64
+    and 128; 4 threads on one kv group split its heads between them (the same bits)."""
     from qwen15.engine.kv_cache import KVCache
     from qwen15.model import build_model
     from qwen15.quant import native_layers
     from qwen15.weights.gguf import load_gguf
 
-    config = tiny_config(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    config = tiny_config(hidden_size=256, intermediate_size=256, num_attention_heads=heads, num_key_value_heads=kv_heads)
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, config, random_state_dict(config), qtype)
     model = build_model(config, load_gguf(path, keep_quantized=True)[1])
@@ -274,9 +276,10 @@ def test_native_layers_match_the_pytorch_layers(tmp_path, monkeypatch, lib, qtyp
     # included, and a caller that is not the main thread (the server's engine) give the same bits.
     threads = torch.get_num_threads()
     try:
-        for n in (1, 3):
+        for n in (1, 3, 4):
             torch.set_num_threads(n)
             assert torch.equal(run(True, "q8", split=12)[0], together)
+            assert torch.equal(run(True, "q8", split=1)[0][:, 1:], together[:, 1:])  # one row: groups split by heads
     finally:
         torch.set_num_threads(threads)
     from concurrent.futures import ThreadPoolExecutor

@@ -136,6 +136,106 @@ static inline float dot_f32(const float *a, const float *b, int n) {
     return s;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* e^x for x <= 0 (softmax after subtracting the max), 8 at a time: Cephes' expf (range reduction by ln 2 in two
+   parts, a degree-6 polynomial), within 2 ulp of expf; below -87.3 it gives ~1e-38 instead of underflowing. */
+static inline __m256 exp_neg256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* [sum(a[0]), ..., sum(a[7])]: eight horizontal sums at once. */
+static inline __m256 hsum8x8(const __m256 *a) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+/* One row's attention for query heads h0..h1 of one kv group (the heads that share its keys and values):
+   q and out hold the row's heads D apart, kh / vh the group's cache, slot j at (slots ? slots[j] : j) * ss;
+   sc: (h1 - h0) x n floats of scratch. Keys and values are read once for all the group's heads (from L1/L2
+   for the second head on), 8 slots' dot products reduce together, and exp is vectorized. Each head's
+   result depends only on its own inputs: the same bits whichever heads share a call. */
+static void attend_heads(const float *q, int h0, int h1, const float *kh, const float *vh, const int *slots, int n,
+                         long ss, int D, float scale, float *sc, float *out) {
+    const int G = h1 - h0;
+    int j = 0;
+#define SLOT(j) ((size_t)(slots ? slots[j] : (j)) * ss)
+#if defined(__AVX2__) && defined(__FMA__)
+    if (D % 8 == 0) {
+        for (; j + 8 <= n; j += 8) {
+            const float *kj[8];
+            for (int t = 0; t < 8; t++) kj[t] = kh + SLOT(j + t);
+            for (int g = 0; g < G; g++) {
+                const float *qh = q + (size_t)(h0 + g) * D;
+                __m256 acc[8];
+                for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
+                for (int d = 0; d < D; d += 8) {
+                    const __m256 qv = _mm256_loadu_ps(qh + d);
+                    for (int t = 0; t < 8; t++) acc[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj[t] + d), acc[t]);
+                }
+                _mm256_storeu_ps(sc + (size_t)g * n + j, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
+            }
+        }
+    }
+#endif
+    for (; j < n; j++)
+        for (int g = 0; g < G; g++) sc[(size_t)g * n + j] = dot_f32(q + (size_t)(h0 + g) * D, kh + SLOT(j), D) * scale;
+    for (int g = 0; g < G; g++) {
+        float *s = sc + (size_t)g * n, *o = out + (size_t)(h0 + g) * D;
+        float mx = -INFINITY;
+        for (int i = 0; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+        float sum = 0.f;
+        int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        __m256 vs = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+            const __m256 e = exp_neg256(_mm256_sub_ps(_mm256_loadu_ps(s + i), _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(s + i, e);
+            vs = _mm256_add_ps(vs, e);
+        }
+        sum = hsum256(vs);
+#endif
+        for (; i < n; i++) { s[i] = expf(s[i] - mx); sum += s[i]; }
+        const float inv = 1.f / sum;
+        int d = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        for (; d + 32 <= D; d += 32) {  /* 32 outputs in registers over all slots */
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int jj = 0; jj < n; jj++) {
+                const float *vj = vh + SLOT(jj) + d;
+                const __m256 pj = _mm256_set1_ps(s[jj] * inv);
+                a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj), a0);
+                a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8), a1);
+                a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 16), a2);
+                a3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 24), a3);
+            }
+            _mm256_storeu_ps(o + d, a0); _mm256_storeu_ps(o + d + 8, a1);
+            _mm256_storeu_ps(o + d + 16, a2); _mm256_storeu_ps(o + d + 24, a3);
+        }
+#endif
+        for (int dd = d; dd < D; dd++) o[dd] = 0.f;
+        for (int jj = 0; jj < n && d < D; jj++) {
+            const float pj = s[jj] * inv, *vj = vh + SLOT(jj);
+            for (int dd = d; dd < D; dd++) o[dd] = fmaf(pj, vj[dd], o[dd]);
+        }
+    }
+#undef SLOT
+}
+
 static void rope(float *v, const float *cos, const float *sin, int D) {
     float tmp[512];  /* head_dim <= 512 (checked by the caller) */
     for (int i = 0; i < D; i++) tmp[i] = v[i] * cos[i] + v[(i + D / 2) % D] * sin[i];
@@ -157,7 +257,11 @@ int qwen_layers_forward(float *x, int M, const int *write_slot, const int *read_
     float *att = malloc((size_t)M * H * D * sizeof(float));
     float *gu = malloc((size_t)M * 2 * I * sizeof(float));
     float *tmp = malloc((size_t)M * Hd * sizeof(float));
-    float *scores = malloc((size_t)H * S * sizeof(float));
+    /* attention tasks: split a kv group's heads only when rows x groups leave threads idle */
+    int parts = M * KV >= d->nthreads ? 1 : d->nthreads / (M * KV);
+    if (parts > group) parts = group;
+    if (parts < 1) parts = 1;
+    float *scores = malloc((size_t)(d->nthreads > 0 ? d->nthreads : 1) * group * S * sizeof(float));  /* per thread */
     MatScratch ms = {malloc((size_t)M * kmax), malloc((size_t)M * (kmax / 16 + 1) * sizeof(float)),
                      malloc((size_t)M * (kmax / 16 + 1) * sizeof(float))};
     int status = (xn && qkv && att && gu && tmp && scores && ms.xq && ms.dx && ms.xsum) ? 0 : -1;
@@ -189,32 +293,16 @@ int qwen_layers_forward(float *x, int M, const int *write_slot, const int *read_
                     }
                 }
                 barrier_wait(&bar, nt);
-                /* Attention, row by row: row m sees its n_read[m] slots (its own position and everything before). */
-                int h0, h1;
-                share(H, tid, nt, 1, &h0, &h1);
-                for (int m = 0; m < M; m++) {
-                    const int n = n_read[m];
-                    const int *slots = read_slots ? read_slots + (size_t)m * s_max : NULL;
-                    for (int h = h0; h < h1; h++) {
-                        const float *qh = qkv + (size_t)m * qkv_w + h * D;
-                        const float *kh = L->k_cache + (size_t)(h / group) * hs;
-                        const float *vh = L->v_cache + (size_t)(h / group) * hs;
-                        float *sc = scores + (size_t)h * S, *out = att + (size_t)m * H * D + h * D;
-                        float mx = -INFINITY;
-                        for (int j = 0; j < n; j++) {
-                            const float *kj = kh + (size_t)(slots ? slots[j] : j) * ss;
-                            sc[j] = dot_f32(qh, kj, D) * scale;
-                            mx = sc[j] > mx ? sc[j] : mx;
-                        }
-                        float sum = 0.f;
-                        for (int j = 0; j < n; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
-                        const float inv = 1.f / sum;
-                        for (int i = 0; i < D; i++) out[i] = 0.f;
-                        for (int j = 0; j < n; j++) {
-                            const float p = sc[j] * inv, *vj = vh + (size_t)(slots ? slots[j] : j) * ss;
-                            for (int i = 0; i < D; i++) out[i] += p * vj[i];
-                        }
-                    }
+                /* Attention, row by row: row m sees its n_read[m] slots (its own position and everything before).
+                   Tasks are (row, kv group, part of the group's heads): the group's heads share one pass over
+                   its keys and values, and parts split a group only where threads would otherwise idle. */
+                const int tasks = M * KV * parts;
+                for (int t = tid; t < tasks; t += nt) {
+                    const int m = t / (KV * parts), g = t / parts % KV, part = t % parts;
+                    const int h0 = g * group + part * group / parts, h1 = g * group + (part + 1) * group / parts;
+                    attend_heads(qkv + (size_t)m * qkv_w, h0, h1, L->k_cache + (size_t)g * hs, L->v_cache + (size_t)g * hs,
+                                 read_slots ? read_slots + (size_t)m * s_max : NULL, n_read[m], ss, D, scale,
+                                 scores + (size_t)tid * group * S, att + (size_t)m * H * D);
                 }
                 barrier_wait(&bar, nt);
                 qmat_mul_team(&L->o, att, M, tmp, &ms, &bar, tid, nt);
