@@ -192,3 +192,50 @@ def test_bad_adapters_give_clear_errors(tmp_path):
     with pytest.raises(lora.AdapterError, match="unknown LoRA target 'qq'"):
         lora.apply_lora(model, "q,qq")
     assert not lora.lora_layers(model)  # nothing half-applied
+
+
+def test_lora_dropout_mask_is_a_seeded_hash_with_the_same_mask_in_backward():
+    """LoRA dropout (the C kernels' hashed mask): keeps 1 - p of the inputs, scaled by 1 / (1 - p), the
+    same mask for the same torch seed and a new one for the next call, and backward applies exactly
+    forward's mask; in eval mode it is the identity."""
+    from qwen15.quant.native import load_library
+
+    if load_library() is None:
+        pytest.skip("no C compiler: nn.Dropout's own mask is used")
+    d = lora.LoraDropout(0.1).train()
+    x = torch.randn(300, 700, requires_grad=True)
+    torch.manual_seed(3)
+    y = d(x)
+    kept = y != 0
+    n = kept.numel()
+    assert abs(float(kept.float().mean()) - 0.9) < 4 * (0.9 * 0.1 / n) ** 0.5  # within 4 sigma of 0.9
+    assert torch.equal(y[kept], x.detach()[kept] * torch.tensor(1 / 0.9))
+    torch.manual_seed(3)
+    assert torch.equal(d(x), y)
+    assert not torch.equal(d(x), y)
+    g = torch.randn_like(x)
+    y.backward(g)
+    assert torch.equal(x.grad, torch.where(kept, g * torch.tensor(1 / 0.9), torch.zeros(())))
+    assert d.eval()(x) is x
+
+
+def test_lora_training_with_dropout_is_the_same_with_gradient_checkpointing():
+    """Checkpointing recomputes each layer in backward; the dropout masks must come back the same, or the
+    gradients would be those of a different forward."""
+    from qwen15.train.forward import enable_grad_checkpointing
+
+    ids = torch.randint(0, TINY["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for ckpt in (False, True):
+        model = ours_from(hf_base())
+        lora.apply_lora(model, ALL, r=4, alpha=8, dropout=0.2)
+        for p in lora.lora_parameters(model):  # nonzero B, so every adapter's path carries gradient
+            torch.nn.init.normal_(p, 0.0, 0.2)
+        if ckpt:
+            enable_grad_checkpointing(model)
+        model.train()
+        torch.manual_seed(5)
+        model(ids).float().square().mean().backward()
+        grads.append([p.grad.clone() for p in lora.lora_parameters(model)])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

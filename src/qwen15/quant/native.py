@@ -101,6 +101,8 @@ def load_library() -> ctypes.CDLL | None:
             lib.gguf_x8_supported.restype = I
             lib.gguf_interleave_x8.argtypes = [P, I, I, I, P, I, I]
             lib.gguf_interleave_x8.restype = None
+            lib.hash_dropout.argtypes = [P, P, ctypes.c_long, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, I]
+            lib.hash_dropout.restype = None
             _lib = lib
         except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch path
             warnings.warn(f"qwen15: block-int8 C kernel unavailable ({e}); using the slower PyTorch path",
